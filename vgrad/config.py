@@ -1,0 +1,209 @@
+"""Frozen, validated configs: the public contract of a run.
+
+Every invalid value raises ``ValueError`` naming the field, the value and what
+is allowed, at construction time, so a bad command line fails before any work.
+Aliases ("xavier", "kaiming") are resolved to their canonical names so that
+``config.json`` always records what actually ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ARCHS = ("mlp", "conv")
+ACTIVATIONS = (
+    "linear", "sigmoid", "tanh", "hard_tanh", "softsign", "relu", "leaky_relu",
+    "prelu", "elu", "selu", "gelu", "silu",
+)
+INITS = (
+    "normal", "uniform", "lecun_normal", "glorot_uniform", "glorot_normal",
+    "he_normal", "he_uniform", "orthogonal", "variance_scaling",
+)
+INIT_ALIASES = {"xavier": "glorot_uniform", "kaiming": "he_normal"}
+NORMS = ("none", "batch", "layer")
+RESIDUAL_SCALES = ("inv_sqrt_depth", "learnable_zero")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+CLIPS = ("none", "global_norm", "value", "agc")
+ON_NONFINITE = ("stop", "skip")
+DATASETS = ("mnist1d", "digits", "synthetic", "mnist", "fashion_mnist")
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"invalid {field}={value!r}: {allowed}")
+
+
+def _choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(field, value, "allowed values are " + ", ".join(choices))
+
+
+def _at_least(field: str, value: Any, minimum: float, *, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+        _fail(field, value, f"must be {'an integer' if integer else 'a number'} >= {minimum}")
+
+
+def _positive(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        _fail(field, value, "must be a number > 0")
+
+
+def _in_unit_interval(field: str, value: Any, *, closed_low: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (0 <= value < 1 if closed_low else 0 < value < 1)
+    if not ok:
+        _fail(field, value, "must be in [0, 1)" if closed_low else "must be in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A layered model: stem -> ``depth`` shape-preserving blocks -> head.
+
+    arch: "mlp" (Dense blocks on flattened inputs) or "conv" (1-D conv blocks on
+        (batch, length) or (batch, length, channels) inputs, global average pool).
+    depth: number of hidden blocks L.
+    width: hidden units (mlp) or channels (conv).
+    activation: one of ``ACTIVATIONS``; ``leaky_slope`` is leaky_relu's slope.
+        prelu learns one slope per unit, initialised at 0.25.
+    init: one of ``INITS`` (or the aliases "xavier", "kaiming"). "normal" draws
+        N(0, init_std^2) regardless of fan-in (the naive init); "orthogonal" has
+        gain sqrt(weight_var); "variance_scaling" draws N(0, weight_var / fan_in),
+        the mean-field parameterisation. Biases are N(0, bias_var) (0 by default).
+    norm: "none", "batch" (BatchNorm after each Dense) or "layer" (a comparison point).
+    bn_momentum / bn_epsilon: running average r <- m r + (1 - m) batch_stat; eps in the variance.
+    residual: blocks compute h + alpha * F(h), F = two Dense -> [norm] -> activation layers.
+    residual_scale: alpha = a number (1.0), "inv_sqrt_depth" (1/sqrt(L)) or
+        "learnable_zero" (a learnable scalar per block initialised at 0).
+    kernel_size: conv kernel size (conv arch only).
+    """
+
+    arch: str = "mlp"
+    depth: int = 10
+    width: int = 128
+    num_classes: int = 10
+    activation: str = "relu"
+    leaky_slope: float = 0.01
+    init: str = "he_normal"
+    init_std: float = 0.01
+    weight_var: float = 1.0
+    bias_var: float = 0.0
+    norm: str = "none"
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    residual: bool = False
+    residual_scale: float | str = 1.0
+    kernel_size: int = 5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "init", INIT_ALIASES.get(self.init, self.init))
+        _choice("arch", self.arch, ARCHS)
+        _at_least("depth", self.depth, 1, integer=True)
+        _at_least("width", self.width, 1, integer=True)
+        _at_least("num_classes", self.num_classes, 2, integer=True)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _at_least("leaky_slope", self.leaky_slope, 0)
+        _choice("init", self.init, INITS + tuple(INIT_ALIASES))
+        _positive("init_std", self.init_std)
+        _positive("weight_var", self.weight_var)
+        _at_least("bias_var", self.bias_var, 0)
+        _choice("norm", self.norm, NORMS)
+        _in_unit_interval("bn_momentum", self.bn_momentum)
+        _positive("bn_epsilon", self.bn_epsilon)
+        if not isinstance(self.residual, bool):
+            _fail("residual", self.residual, "must be true or false")
+        scale = self.residual_scale
+        if isinstance(scale, str):
+            try:  # command lines hand numbers over as strings
+                scale = float(scale)
+            except ValueError:
+                pass
+            object.__setattr__(self, "residual_scale", scale)
+        if isinstance(scale, str):
+            _choice("residual_scale", scale, RESIDUAL_SCALES)
+        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+            _fail("residual_scale", scale,
+                  "must be a number >= 0, 'inv_sqrt_depth' or 'learnable_zero'")
+        _at_least("kernel_size", self.kernel_size, 1, integer=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of one run.
+
+    optimizer: "sgd" (with ``momentum``; 0 = plain SGD) or "adam".
+    schedule: "constant", "cosine" (decay to 0 over the run) or "warmup_cosine"
+        (linear warm-up over ``warmup_steps``, then cosine).
+    steps: total optimiser steps; when set it overrides ``epochs``.
+    clip: "none", "global_norm" (rescale so ||g||_2 <= clip_value), "value"
+        (clamp each entry to [-clip_value, clip_value]) or "agc" (adaptive
+        gradient clipping, unit-wise ||g|| <= clip_value * ||w||).
+    weight_decay: decoupled (AdamW-style for adam, added to the gradient for sgd).
+    eval_every: evaluate on the test split every this many steps; 0 = at the end
+        of every epoch. A final evaluation always runs.
+    on_nonfinite: "stop" the run at the first non-finite loss/gradient, or
+        "skip" that update and go on.
+    """
+
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 128
+    epochs: int = 10
+    steps: int | None = None
+    clip: str = "none"
+    clip_value: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    eval_every: int = 0
+    on_nonfinite: str = "stop"
+
+    def __post_init__(self) -> None:
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _positive("learning_rate", self.learning_rate)
+        _in_unit_interval("momentum", self.momentum)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _at_least("warmup_steps", self.warmup_steps, 0, integer=True)
+        _at_least("batch_size", self.batch_size, 1, integer=True)
+        _at_least("epochs", self.epochs, 1, integer=True)
+        if self.steps is not None:
+            _at_least("steps", self.steps, 1, integer=True)
+        _choice("clip", self.clip, CLIPS)
+        _positive("clip_value", self.clip_value)
+        _at_least("weight_decay", self.weight_decay, 0)
+        _at_least("seed", self.seed, 0, integer=True)
+        _at_least("eval_every", self.eval_every, 0, integer=True)
+        _choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and how to prepare it.
+
+    name: one of ``DATASETS``; "mnist" and "fashion_mnist" need ``path`` (IDX
+        directory or .npz file you already have; nothing is downloaded).
+    cache_dir: where generated datasets are cached (default $VGRAD_CACHE_DIR or
+        ~/.cache/vgrad).
+    seed: seed of generated data (synthetic) and nothing else.
+    standardize: per-feature z-scoring with train-split statistics.
+    options: dataset-specific (key, value) pairs, e.g. (("dim", 16),) for synthetic.
+    """
+
+    name: str = "mnist1d"
+    path: str | None = None
+    cache_dir: str | None = None
+    seed: int = 0
+    standardize: bool = True
+    options: tuple[tuple[str, int | float | str], ...] = ()
+
+    def __post_init__(self) -> None:
+        _choice("name", self.name, DATASETS)
+        _at_least("seed", self.seed, 0, integer=True)
+
+
+def to_dict(cfg: Any) -> dict:
+    """JSON-ready dict of a (nested) config dataclass."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,125 @@
+"""The functional face of the layered model: ``build(cfg)`` -> ``LayeredModel``.
+
+Variables are ``{"params": ..., "batch_stats": ...}`` (batch_stats is ``{}``
+without BatchNorm). Block parameters and statistics live under
+``variables[...]["blocks"]["block"]`` with a leading axis of length L.
+Hidden states are indexed h^0 (the stem output) .. h^L (the last block output);
+block l (1-based) maps h^{l-1} -> h^l.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from vgrad.config import ModelConfig
+from vgrad.models.blocks import SUBLAYER_KINDS, Block, Network
+
+Variables = dict[str, Any]
+
+
+class LayeredModel:
+    """Pure functions of a stem -> L blocks -> head model built from ``cfg``."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    @property
+    def depth(self) -> int:
+        return self.cfg.depth
+
+    @property
+    def has_batch_stats(self) -> bool:
+        return self.cfg.norm == "batch"
+
+    def _network(self, train: bool, identity_sublayers: Sequence[str] = (),
+                 collect: bool = False) -> Network:
+        unknown = set(identity_sublayers) - set(SUBLAYER_KINDS)
+        if unknown:
+            raise ValueError(f"invalid identity_sublayers={sorted(unknown)}: allowed values are "
+                             + ", ".join(SUBLAYER_KINDS))
+        return Network(self.cfg, train, tuple(sorted(identity_sublayers)), collect)
+
+    def _flags(self, identity_blocks: Sequence[int] | jax.Array | None) -> jax.Array:
+        """Block indices (1-based) or a bool mask of shape (L,) -> bool mask (L,)."""
+        L = self.cfg.depth
+        if identity_blocks is None:
+            return jnp.zeros((L,), bool)
+        arr = jnp.asarray(identity_blocks)
+        if arr.dtype == jnp.bool_:
+            if arr.shape != (L,):
+                raise ValueError(f"identity_blocks mask must have shape ({L},), got {arr.shape}")
+            return arr
+        blocks = [int(b) for b in identity_blocks]
+        bad = [b for b in blocks if not 1 <= b <= L]
+        if bad:
+            raise ValueError(f"invalid identity_blocks={bad}: block indices run from 1 to {L}")
+        return jnp.zeros((L,), bool).at[jnp.asarray(blocks, int) - 1].set(True)
+
+    def init(self, key: jax.Array, x: jax.Array) -> Variables:
+        """Initial variables for inputs shaped like ``x`` (B, ...). Pure."""
+        variables = self._network(train=False).init(key, x, self._flags(None))
+        return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+    def _run(self, variables: Variables, x: jax.Array, train: bool, identity_blocks,
+             identity_sublayers, collect: bool):
+        net = self._network(train, identity_sublayers, collect)
+        mutate = train and self.has_batch_stats
+        out = net.apply(variables, x, self._flags(identity_blocks),
+                        mutable=["batch_stats"] if mutate else False)
+        if mutate:
+            out, updates = out
+            return out, updates["batch_stats"]
+        return out, variables["batch_stats"]
+
+    def apply(self, variables: Variables, x: jax.Array, *, train: bool,
+              identity_blocks: Sequence[int] | jax.Array | None = None,
+              identity_sublayers: Sequence[str] = ()) -> tuple[jax.Array, dict]:
+        """Logits (B, num_classes) and the new batch statistics. Pure.
+
+        ``train=True`` normalises with batch statistics and returns updated
+        running averages; ``train=False`` uses the running averages and returns
+        them unchanged. ``identity_blocks`` / ``identity_sublayers`` replace the
+        input-Jacobians of those blocks / sub-layer kinds by the identity in the
+        backward pass (forward values unchanged), for gradient attribution.
+        """
+        return self._run(variables, x, train, identity_blocks, identity_sublayers, False)
+
+    def hidden_states(self, variables: Variables, x: jax.Array, *, train: bool) -> jax.Array:
+        """All hidden states stacked, shape (L+1, *h.shape): index l is h^l."""
+        (_, hidden), _ = self._run(variables, x, train, None, (), True)
+        return hidden
+
+    def block_variables(self, variables: Variables, l: int | jax.Array) -> Variables:
+        """Variables of block l (1-based; may be a traced integer)."""
+        take = lambda tree: jax.tree_util.tree_map(lambda a: a[l - 1], tree["blocks"]["block"]) \
+            if tree else {}
+        return {"params": take(variables["params"]), "batch_stats": take(variables["batch_stats"])}
+
+    def block_fn(self, variables: Variables, l: int | jax.Array, *,
+                 train: bool) -> Callable[[jax.Array], jax.Array]:
+        """The pure map h^{l-1} -> h^l of block l (1-based, may be traced).
+
+        With BatchNorm and ``train=True`` it normalises with the statistics of
+        the batch it is given, so it maps a whole batch (B, ...) -> (B, ...).
+        """
+        block = Block(self.cfg, train)
+        block_vars = self.block_variables(variables, l)
+        mutate = train and self.has_batch_stats
+
+        def f(h: jax.Array) -> jax.Array:
+            if mutate:
+                return block.apply(block_vars, h, mutable=["batch_stats"])[0]
+            return block.apply(block_vars, h)
+
+        return f
+
+
+def build(cfg: ModelConfig) -> LayeredModel:
+    """The layered model described by ``cfg``."""
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"build expects a ModelConfig, got {type(cfg).__name__}")
+    return LayeredModel(cfg)
