@@ -202,7 +202,7 @@ class FitResult:
 
 
 def fit(model: LayeredModel, train_cfg: TrainConfig, dataset: Any, *, run_dir: Any = None,
-        seeds: int = 1, progress: bool = True, log_every: int = 1) -> FitResult:
+        seeds: int = 1, progress: bool = True, log_every: int = 1, mesh: Any = None) -> FitResult:
     """Train on ``dataset`` (a vgrad.data.Dataset) and evaluate on its test split.
 
     Runs ``total_steps(train_cfg, N_train)`` steps with deterministic batches
@@ -213,6 +213,7 @@ def fit(model: LayeredModel, train_cfg: TrainConfig, dataset: Any, *, run_dir: A
     one vmapped step; records then carry a "seed" field each.
     On a non-finite step, ``train_cfg.on_nonfinite="stop"`` ends the run with
     status "diverged" (the state is the last good one); "skip" drops that update.
+    ``mesh`` (a ``vgrad.parallel.data_mesh()``) shards the work over devices.
     """
     from tqdm.auto import tqdm
 
@@ -238,6 +239,11 @@ def fit(model: LayeredModel, train_cfg: TrainConfig, dataset: Any, *, run_dir: A
         state = jax.vmap(init)(seed_keys(train_cfg, seeds))
         step = jax.jit(jax.vmap(step_fn), donate_argnums=0)
         eval_step = jax.jit(jax.vmap(eval_fn, in_axes=(0, None)))
+    if mesh is not None:
+        from vgrad import parallel
+
+        parallel.check_batch_divisible(mesh, batch_size, seeds)
+        state = parallel.place_state(state, mesh, seeds)
 
     history: list[dict] = []
     metrics_path = None
@@ -266,7 +272,12 @@ def fit(model: LayeredModel, train_cfg: TrainConfig, dataset: Any, *, run_dir: A
                 [vdata.epoch_permutation(num_train, seed=s, epoch=epoch) for s in seed_list])
         idx = permutations[epoch][:, i * batch_size:(i + 1) * batch_size]
         idx = idx[0] if seeds == 1 else idx
-        return {"x": x_train[idx], "y": y_train[idx]}
+        batch = {"x": x_train[idx], "y": y_train[idx]}
+        if mesh is not None:
+            from vgrad import parallel
+
+            batch = parallel.place_batch(batch, mesh, seeds)
+        return batch
 
     def run_eval(at_step: int) -> dict:
         test = evaluate(eval_step, state, x_test, y_test, batch_size)
