@@ -75,6 +75,28 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.flush()
 
 
+def write_jsonl(path: str | os.PathLike, records: list[dict]) -> Path:
+    """Atomically replace a JSON-lines file with ``records`` (e.g. to truncate it)."""
+    return atomic_write_text(path, "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's data to disk (no-op if it does not exist).
+
+    Appended records survive a killed process without this (they are in the
+    OS page cache); this makes them survive a machine crash too. Called before
+    a checkpoint is taken, so the records a checkpoint counts are on disk.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """All complete records of a JSON-lines file (a torn last line is skipped)."""
     records = []
@@ -87,6 +109,36 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 break
     return records
+
+
+def environment_info() -> dict:
+    """What a result depends on besides its config: package versions, Python,
+    platform, and the JAX backend and devices it ran on."""
+    import platform
+    import sys
+    from importlib import metadata
+
+    import jax
+
+    packages = {}
+    for name in ("vgrad", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    devices = jax.devices()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": packages,
+        "jax_backend": jax.default_backend(),
+        "devices": [str(d) for d in devices],
+        "device_kind": devices[0].device_kind if devices else None,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "jax_enable_x64": bool(jax.config.jax_enable_x64),
+        "argv": list(sys.argv),
+    }
 
 
 def new_run_dir(root: str | os.PathLike, experiment: str, run_id: str | None = None) -> Path:

@@ -14,6 +14,7 @@ initialisation and its data order, so it reproduces the single-seed run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from vgrad.clipping import adaptive_grad_clip
 from vgrad.config import TrainConfig
 from vgrad.models.model import LayeredModel
 
@@ -67,7 +69,7 @@ def make_optimizer(cfg: TrainConfig, total_steps: int | None = None) -> optax.Gr
         "none": optax.identity,
         "global_norm": lambda: optax.clip_by_global_norm(cfg.clip_value),
         "value": lambda: optax.clip(cfg.clip_value),
-        "agc": lambda: optax.adaptive_grad_clip(cfg.clip_value),
+        "agc": lambda: adaptive_grad_clip(cfg.clip_value),
     }[cfg.clip]()
     lr = make_schedule(cfg, total_steps)
     if cfg.optimizer == "adam":
@@ -105,6 +107,11 @@ def block_norms(tree: Any) -> jax.Array:
     return jnp.sqrt(sq)
 
 
+def part_norms(tree: Any) -> dict[str, jax.Array]:
+    """L2 norm of every top-level part but the blocks: {"stem": (), "head": ()}."""
+    return {name: optax.tree.norm(sub) for name, sub in tree.items() if name != "blocks"}
+
+
 def train_step_fn(model: LayeredModel, train_cfg: TrainConfig, *,
                   total_steps: int | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The un-jitted step, for composing with vmap / sharding (see vgrad.parallel)."""
@@ -120,7 +127,7 @@ def train_step_fn(model: LayeredModel, train_cfg: TrainConfig, *,
         (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.batch_stats, batch)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         candidate = state.replace(params=optax.apply_updates(state.params, updates),
                                   batch_stats=new_stats, opt_state=new_opt_state)
@@ -131,6 +138,7 @@ def train_step_fn(model: LayeredModel, train_cfg: TrainConfig, *,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"]),
             "grad_norm": grad_norm,
             "block_grad_norms": block_norms(grads),
+            **{f"{name}_grad_norm": norm for name, norm in part_norms(grads).items()},
             "learning_rate": schedule(state.step),
             "finite": finite,
         }
@@ -144,7 +152,9 @@ def make_train_step(model: LayeredModel, train_cfg: TrainConfig, *,
     """Jitted ``step(state, batch) -> (state, metrics)``; ``state`` is donated.
 
     metrics: loss, accuracy, grad_norm (global, before clipping),
-    block_grad_norms (L,), learning_rate, finite (bool).
+    block_grad_norms (L,), stem_grad_norm, head_grad_norm, learning_rate,
+    finite (bool: loss and every gradient are finite; if not, the step kept
+    the old params, batch_stats and optimizer state and only advanced ``step``).
     """
     return jax.jit(train_step_fn(model, train_cfg, total_steps=total_steps), donate_argnums=0)
 
@@ -191,18 +201,107 @@ class FitResult:
     state: the final (last good) TrainState; seed-stacked with leading axis N when seeds > 1.
     history: every record written to metrics.jsonl, in order (train records have
         "loss", "accuracy", ...; eval records have "test_loss", "test_accuracy").
-    final: final test (and train-subset) metrics; per-seed lists when seeds > 1.
-    status: "completed", "diverged" or "interrupted".
+        A resumed run's history starts with the records of the run it continues.
+    final: "completed" and "diverged" runs: final test (and train-set) metrics
+        of the (last good) state, per-seed lists when seeds > 1. "interrupted"
+        runs skip that evaluation: {"step", "last_train", "last_eval"} with the
+        last logged records.
+    status: "completed", "diverged" (a non-finite step with on_nonfinite="stop")
+        or "interrupted" (SIGINT/SIGTERM).
+    message: why a run did not complete ("" when it did).
+    resumed_from: the checkpoint step a resumed run started from, else None.
+    checkpoint_steps: steps of the checkpoints kept in run_dir/checkpoints.
     """
 
     state: TrainState
     history: list[dict]
     final: dict
     status: str = "completed"
+    message: str = ""
+    resumed_from: int | None = None
+    checkpoint_steps: list[int] = dataclasses.field(default_factory=list)
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"invalid {field}={value!r}: must be an integer >= {minimum}")
+
+
+def check_run(model: LayeredModel, train_cfg: TrainConfig, dataset: Any, *, seeds: int = 1) -> None:
+    """Reject a run that cannot work, before anything is compiled or written.
+
+    Raises ``ValueError`` naming the field and the reason for: invalid data
+    (``dataset.validate()``: NaN/Inf inputs, labels out of range, ...), labels
+    the model's head cannot represent, a batch size larger than the training
+    set, and BatchNorm in training mode with one example per batch.
+    """
+    _check_int("seeds", seeds, 1)
+    if hasattr(dataset, "validate"):
+        dataset.validate()
+    cfg = model.cfg
+    name = getattr(dataset, "name", "") or "dataset"
+    if int(dataset.num_classes) > cfg.num_classes:
+        raise ValueError(f"invalid model.num_classes={cfg.num_classes}: dataset {name!r} has "
+                         f"{dataset.num_classes} classes (labels up to {int(dataset.num_classes) - 1})")
+    num_train, batch_size = int(dataset.num_train), train_cfg.batch_size
+    if batch_size > num_train:
+        raise ValueError(f"invalid train.batch_size={batch_size}: larger than the {num_train} "
+                         f"training examples of dataset {name!r}; use train.batch_size <= {num_train}")
+    if cfg.norm == "batch" and cfg.arch == "mlp" and batch_size == 1:
+        raise ValueError(
+            "invalid train.batch_size=1 with model.norm='batch': BatchNorm in training mode "
+            "normalises every feature over the batch, and over one example the variance is 0, "
+            "so every normalised output equals the BatchNorm bias and the input is ignored. "
+            "Use train.batch_size >= 2, or model.norm='layer' or 'none'.")
+
+
+class _InterruptFlag:
+    """While active (main thread only), SIGINT and SIGTERM set ``signum`` instead
+    of stopping the process, so the loop can finish its step and checkpoint; a
+    second signal raises KeyboardInterrupt at once."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_InterruptFlag":
+        import signal
+        import threading
+
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+        import sys
+
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nvgrad: received {signal.Signals(signum).name}: stopping after the current step "
+              "and saving a checkpoint (send it again to abort at once)", file=sys.stderr, flush=True)
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old.clear()
 
 
 def fit(model: LayeredModel, train_cfg: TrainConfig, dataset: Any, *, run_dir: Any = None,
-        seeds: int = 1, progress: bool = True, log_every: int = 1, mesh: Any = None) -> FitResult:
+        seeds: int = 1, progress: bool = True, log_every: int = 1, mesh: Any = None,
+        checkpoint_every: int | None = None, keep_checkpoints: int = 3, resume: bool = False,
+        run_config: dict | None = None, handle_signals: bool = True) -> FitResult:
     """Train on ``dataset`` (a vgrad.data.Dataset) and evaluate on its test split.
 
     Runs ``total_steps(train_cfg, N_train)`` steps with deterministic batches
@@ -211,17 +310,49 @@ def fit(model: LayeredModel, train_cfg: TrainConfig, dataset: Any, *, run_dir: A
     every record to ``run_dir/metrics.jsonl`` when ``run_dir`` is given.
     With ``seeds=N`` it trains seeds train_cfg.seed .. train_cfg.seed+N-1 in
     one vmapped step; records then carry a "seed" field each.
-    On a non-finite step, ``train_cfg.on_nonfinite="stop"`` ends the run with
-    status "diverged" (the state is the last good one); "skip" drops that update.
     ``mesh`` (a ``vgrad.parallel.data_mesh()``) shards the work over devices.
+
+    Failures (see docs/reliability.md):
+
+    * Non-finite loss/gradient: ``train_cfg.on_nonfinite="stop"`` ends the run
+      with status "diverged" and a message naming the step and the first layer
+      (in backpropagation order) whose gradient is non-finite; the returned
+      state is the last good one and existing checkpoints are kept. "skip"
+      drops that update and goes on.
+    * SIGINT (Ctrl-C) / SIGTERM (``handle_signals``): the current step
+      finishes, a checkpoint is saved (when ``run_dir`` is given) and the run
+      returns with status "interrupted"; a second signal aborts at once.
+
+    Checkpoints (orbax, in ``run_dir/checkpoints``; needs ``run_dir``):
+      checkpoint_every: None: none (except on an interrupt); 0: at the end of
+        every epoch and of the run; N > 0: also every N steps.
+      keep_checkpoints: keep the last k.
+      resume: continue from the latest checkpoint in ``run_dir`` (same config,
+        else ValueError naming the fields that differ); metrics.jsonl is cut
+        back to the records written when that checkpoint was taken, so a
+        resumed run ends with exactly the records, metrics and parameters of an
+        uninterrupted one. Without ``resume``, metrics.jsonl is started afresh
+        and a ``run_dir`` that already holds checkpoints is refused.
+      run_config: extra JSON-able config (e.g. the data config) stored with the
+        checkpoints and compared on resume, besides the model and train configs,
+        ``seeds`` and a fingerprint of the dataset.
     """
+    import sys
+    import warnings
+
     from tqdm.auto import tqdm
 
     from vgrad import data as vdata
-    from vgrad.io import append_jsonl
+    from vgrad import io
 
-    if seeds < 1:
-        raise ValueError(f"invalid seeds={seeds!r}: must be an integer >= 1")
+    _check_int("log_every", log_every, 1)
+    if checkpoint_every is not None:
+        _check_int("checkpoint_every", checkpoint_every, 0)
+    _check_int("keep_checkpoints", keep_checkpoints, 1)
+    if run_dir is None and (resume or checkpoint_every is not None):
+        raise ValueError("checkpointing and resume=True need run_dir (where checkpoints live)")
+    check_run(model, train_cfg, dataset, seeds=seeds)
+
     num_train, batch_size = dataset.num_train, train_cfg.batch_size
     per_epoch = vdata.steps_per_epoch(num_train, batch_size)
     num_steps = total_steps(train_cfg, num_train)
@@ -230,15 +361,44 @@ def fit(model: LayeredModel, train_cfg: TrainConfig, dataset: Any, *, run_dir: A
     x_test, y_test = jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test)
     seed_list = [train_cfg.seed + i for i in range(seeds)]
 
-    step_fn, eval_fn = train_step_fn(model, train_cfg, total_steps=num_steps), eval_step_fn(model)
-    init = lambda key: create_state(model, train_cfg, key, x_train[:batch_size], total_steps=num_steps)
-    if seeds == 1:
-        state = init(jax.random.key(train_cfg.seed))
-        step, eval_step = jax.jit(step_fn, donate_argnums=0), jax.jit(eval_fn)
-    else:
-        state = jax.vmap(init)(seed_keys(train_cfg, seeds))
-        step = jax.jit(jax.vmap(step_fn), donate_argnums=0)
-        eval_step = jax.jit(jax.vmap(eval_fn, in_axes=(0, None)))
+    # The run directory: refuse a wrong resume before compiling anything.
+    metrics_path = ckpt_dir = config = ckpt = None
+    resumed_from: int | None = None
+    if run_dir is not None:
+        from vgrad import checkpoint as vckpt
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path, ckpt_dir = run_dir / "metrics.jsonl", vckpt.checkpoint_dir(run_dir)
+        config = vckpt.normalize_config({
+            "model": model.cfg, "train": train_cfg, "seeds": seeds,
+            "dataset": vckpt.dataset_fingerprint(dataset), **(run_config or {})})
+        existing = vckpt.committed_steps(ckpt_dir)
+        if resume and not existing:
+            raise ValueError(
+                f"cannot resume: no checkpoint in {ckpt_dir} (the run stopped before its first "
+                "checkpoint, or the directory is wrong); start the run again without resume")
+        if not resume and existing:
+            raise ValueError(
+                f"{run_dir} already holds the checkpoints of a run (steps {existing}); pass "
+                "resume=True (--resume True) to continue it, or use a new run directory")
+        if resume:
+            ckpt = vckpt.RunCheckpointer(ckpt_dir, keep=keep_checkpoints, save_every=checkpoint_every)
+            try:
+                for step_no in reversed(existing):  # the newest checkpoint whose metadata reads back
+                    try:
+                        saved = ckpt.read_meta(step_no)
+                    except Exception:
+                        continue
+                    vckpt.check_compatible(saved.get("config", {}), config, where=ckpt_dir)
+                    break
+            except BaseException:
+                ckpt.close()
+                raise
+
+    init, step, eval_step = _jitted_fns(model, train_cfg, num_steps, seeds)
+    keys = jax.random.key(train_cfg.seed) if seeds == 1 else seed_keys(train_cfg, seeds)
+    state = init(keys, x_train[:batch_size])
     if mesh is not None:
         from vgrad import parallel
 
@@ -246,10 +406,19 @@ def fit(model: LayeredModel, train_cfg: TrainConfig, dataset: Any, *, run_dir: A
         state = parallel.place_state(state, mesh, seeds)
 
     history: list[dict] = []
-    metrics_path = None
-    if run_dir is not None:
-        metrics_path = Path(run_dir) / "metrics.jsonl"
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    if resume:
+        state, meta = _restore_latest(ckpt, state, config)
+        resumed_from = int(meta["step"])
+        records = io.read_jsonl(metrics_path)
+        wanted = int(meta["num_records"])
+        if len(records) < wanted:
+            warnings.warn(f"{metrics_path} has {len(records)} records but the checkpoint at step "
+                          f"{resumed_from} was taken after {wanted}; earlier records are missing",
+                          RuntimeWarning, stacklevel=2)
+        history = records[:wanted]
+        io.write_jsonl(metrics_path, history)  # drop records written after the checkpoint
+    elif metrics_path is not None:
+        io.write_jsonl(metrics_path, [])
 
     def log(record: dict) -> None:
         # One record per seed, so single- and multi-seed files read the same way.
@@ -260,7 +429,7 @@ def fit(model: LayeredModel, train_cfg: TrainConfig, dataset: Any, *, run_dir: A
             row = {k: (np.asarray(v).tolist()) for k, v in row.items()}
             history.append(row)
             if metrics_path is not None:
-                append_jsonl(metrics_path, row)
+                io.append_jsonl(metrics_path, row)
 
     permutations: dict[int, np.ndarray] = {}
 
@@ -285,49 +454,200 @@ def fit(model: LayeredModel, train_cfg: TrainConfig, dataset: Any, *, run_dir: A
         log(record)
         return record
 
-    status, last_eval = "completed", None
+    last_saved = resumed_from
+
+    def save(at_step: int) -> None:
+        nonlocal ckpt, last_saved
+        from vgrad import checkpoint as vckpt
+
+        if ckpt is None:
+            ckpt = vckpt.RunCheckpointer(ckpt_dir, keep=keep_checkpoints, save_every=checkpoint_every)
+        io.fsync_path(metrics_path)  # the records this checkpoint counts are on disk first
+        epoch, batch_in_epoch = divmod(at_step, per_epoch)
+        ckpt.save(at_step, state, {
+            "epoch": epoch, "batch_in_epoch": batch_in_epoch, "seed": train_cfg.seed,
+            "seeds": seed_list, "num_records": len(history), "total_steps": num_steps,
+            "input_dtype": str(np.asarray(dataset.x_train).dtype), "config": config})
+        last_saved = at_step
+
+    def wants_checkpoint(at_step: int) -> bool:
+        if checkpoint_every is None:
+            return False
+        return (at_step % per_epoch == 0 or at_step == num_steps
+                or (checkpoint_every > 0 and at_step % checkpoint_every == 0))
+
+    status, message, last_eval = "completed", "", None
     first_step = int(np.asarray(state.step).reshape(-1)[0])
-    bar = tqdm(total=num_steps, initial=first_step, disable=not progress, desc="train",
-               dynamic_ncols=True)
-    for s in range(first_step, num_steps):
-        state, metrics = step(state, batch_at(s))
-        m = as_numpy_metrics(metrics)
-        if not m["finite"].all():
-            if train_cfg.on_nonfinite == "stop":
-                log({"step": s + 1, **{k: m[k] for k in ("loss", "grad_norm", "finite")}})
-                bar.close()
-                print(f"vgrad: non-finite loss or gradient at step {s + 1} "
-                      f"({describe_nonfinite(m)}); stopping, state is from step {s}.")
-                status = "diverged"
-                break
-        if (s + 1) % log_every == 0 or s + 1 == num_steps:
-            log({"step": s + 1, "epoch": s // per_epoch, **m})
-        if (s + 1) % eval_every == 0 and s + 1 != num_steps:
-            last_eval = run_eval(s + 1)
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(np.mean(m['loss'])):.4f}",
-                        acc=f"{float(np.mean(m['accuracy'])):.3f}",
-                        **({"test_acc": f"{float(np.mean(last_eval['test_accuracy'])):.3f}"}
-                           if last_eval else {}))
-    bar.close()
+    done = first_step
+    interrupts = _InterruptFlag(handle_signals)
+    try:
+        with interrupts:
+            bar = tqdm(total=num_steps, initial=first_step, disable=not progress, desc="train",
+                       dynamic_ncols=True)
+            for s in range(first_step, num_steps):
+                if interrupts.signum is not None:
+                    break
+                state, metrics = step(state, batch_at(s))
+                m = as_numpy_metrics(metrics)
+                done = s + 1
+                if not m["finite"].all():
+                    what = f"non-finite loss or gradient at step {done} ({describe_nonfinite(m, seed_list)})"
+                    if train_cfg.on_nonfinite == "stop":
+                        log({"step": done, **{k: m[k] for k in ("loss", "grad_norm", "finite")}})
+                        kept = (f"; the last checkpoint (step {last_saved}) is kept"
+                                if last_saved is not None and run_dir is not None else "")
+                        message = f"{what}; stopped, the state is the last good one (step {s}){kept}"
+                        status = "diverged"
+                        bar.close()
+                        print(f"vgrad: {message}", file=sys.stderr, flush=True)
+                        break
+                    bar.write(f"vgrad: {what}; update skipped (on_nonfinite='skip')", file=sys.stderr)
+                if done % log_every == 0 or done == num_steps:
+                    log({"step": done, "epoch": s // per_epoch, **m})
+                if done % eval_every == 0 and done != num_steps:
+                    last_eval = run_eval(done)
+                if wants_checkpoint(done):
+                    save(done)
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(np.mean(m['loss'])):.4f}",
+                                acc=f"{float(np.mean(m['accuracy'])):.3f}",
+                                **({"test_acc": f"{float(np.mean(last_eval['test_accuracy'])):.3f}"}
+                                   if last_eval else {}))
+            bar.close()
 
-    done = int(np.asarray(state.step).reshape(-1)[0])
-    final_test = run_eval(done)
-    train_eval = evaluate(eval_step, state, x_train, y_train, batch_size)
-    final = {"step": done, "test_loss": final_test["test_loss"],
-             "test_accuracy": final_test["test_accuracy"],
-             "train_loss": train_eval["loss"], "train_accuracy": train_eval["accuracy"]}
-    final = {k: np.asarray(v).tolist() for k, v in final.items()}
-    return FitResult(state=state, history=history, final=final, status=status)
+            if status == "completed" and interrupts.signum is not None and done < num_steps:
+                status = "interrupted"
+                if run_dir is not None:
+                    if done > 0 and last_saved != done:
+                        save(done)
+                    if ckpt is not None:
+                        ckpt.wait()  # the checkpoint is complete before we report it
+                    where = (f"checkpoint at step {last_saved} in {ckpt_dir}; continue with resume=True "
+                             "(vgrad train ... --resume True)") if last_saved is not None \
+                        else "no checkpoint (no step was taken)"
+                else:
+                    where = "nothing saved (no run_dir)"
+                message = f"interrupted by {interrupts.name} at step {done} of {num_steps}; {where}"
+                print(f"vgrad: {message}", file=sys.stderr, flush=True)
+                final = _last_records(history, done, seeds)
+            else:
+                final_test = run_eval(done)
+                train_eval = evaluate(eval_step, state, x_train, y_train, batch_size)
+                final = {"step": done, "test_loss": final_test["test_loss"],
+                         "test_accuracy": final_test["test_accuracy"],
+                         "train_loss": train_eval["loss"], "train_accuracy": train_eval["accuracy"]}
+                final = {k: np.asarray(v).tolist() for k, v in final.items()}
+    finally:
+        if ckpt is not None:
+            ckpt.close()  # waits for a save in progress
+    steps_kept = vckpt.committed_steps(ckpt_dir) if ckpt_dir is not None else []
+    return FitResult(state=state, history=history, final=final, status=status, message=message,
+                     resumed_from=resumed_from, checkpoint_steps=steps_kept)
 
 
-def describe_nonfinite(metrics: dict) -> str:
-    """Which part of the network first has a non-finite gradient (for error messages)."""
-    norms = np.atleast_2d(metrics["block_grad_norms"])
-    bad_blocks = np.nonzero(~np.isfinite(norms).all(axis=0))[0]
-    where = f"first non-finite block gradient: block {bad_blocks[0] + 1}" if len(bad_blocks) \
-        else "block gradients finite; the stem or head gradient or the loss is not"
-    return f"loss={np.asarray(metrics['loss']).tolist()}, {where}"
+def _jitted_fns(model: LayeredModel, train_cfg: TrainConfig, num_steps: int, seeds: int):
+    """(init(keys, example_x), step, eval_step), jitted (vmapped over seeds when seeds > 1).
+
+    Cached for vgrad's own models (a pure function of the configs), so
+    repeated fits of one config (seed sweeps, resumed runs, tests) compile once.
+    """
+    if type(model) is LayeredModel:
+        # Fields the compiled functions do not read are normalised out of the key
+        # (the seed enters as the init key; eval_every and on_nonfinite are loop logic).
+        key_cfg = dataclasses.replace(train_cfg, seed=0, eval_every=0, on_nonfinite="stop")
+        key_steps = None if train_cfg.schedule == "constant" else num_steps
+        return _jitted_fns_cached(model.cfg, key_cfg, key_steps, seeds)
+    return _make_jitted_fns(model, train_cfg, num_steps, seeds)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_fns_cached(model_cfg: Any, train_cfg: TrainConfig, num_steps: int | None, seeds: int):
+    return _make_jitted_fns(LayeredModel(model_cfg), train_cfg, num_steps, seeds)
+
+
+def _make_jitted_fns(model: LayeredModel, train_cfg: TrainConfig, num_steps: int | None, seeds: int):
+    step_fn, eval_fn = train_step_fn(model, train_cfg, total_steps=num_steps), eval_step_fn(model)
+    # Init is one compiled program instead of every op dispatched eagerly (seconds for deep nets).
+    init = lambda key, x: create_state(model, train_cfg, key, x, total_steps=num_steps)
+    if seeds == 1:
+        return jax.jit(init), jax.jit(step_fn, donate_argnums=0), jax.jit(eval_fn)
+    return (jax.jit(jax.vmap(init, in_axes=(0, None))), jax.jit(jax.vmap(step_fn), donate_argnums=0),
+            jax.jit(jax.vmap(eval_fn, in_axes=(0, None))))
+
+
+def _restore_latest(ckpt: Any, state: TrainState, config: dict) -> tuple[TrainState, dict]:
+    """Restore the newest checkpoint that reads back, falling back to older ones
+    (with a warning) if the newest is damaged; an incompatible config is an error."""
+    from vgrad import checkpoint as vckpt
+
+    steps = ckpt.all_steps()
+    errors = []
+    for step in reversed(steps):
+        try:
+            meta = ckpt.read_meta(step)
+        except Exception as err:  # damaged metadata: try an older checkpoint
+            vckpt.warn_fallback(step, err, ckpt.directory)
+            errors.append(f"step {step}: {type(err).__name__}: {err}")
+            continue
+        vckpt.check_compatible(meta.get("config", {}), config, where=ckpt.directory)
+        try:
+            return ckpt.restore(state, step)
+        except Exception as err:  # damaged arrays: try an older checkpoint
+            vckpt.warn_fallback(step, err, ckpt.directory)
+            errors.append(f"step {step}: {type(err).__name__}: {err}")
+    raise ValueError(f"cannot resume: none of the checkpoints in {ckpt.directory} could be "
+                     f"restored ({'; '.join(errors)})")
+
+
+def _last_records(history: list[dict], done: int, seeds: int) -> dict:
+    """{"step", "last_train", "last_eval"}: the newest train and eval records (per seed)."""
+    def newest(kind: str) -> Any:
+        rows = [r for r in history if kind in r]
+        if not rows:
+            return None
+        last = [r for r in rows if r["step"] == rows[-1]["step"]][-seeds:]
+        return last[0] if seeds == 1 else last
+
+    return {"step": done, "last_train": newest("loss"), "last_eval": newest("test_loss")}
+
+
+def nonfinite_layers(metrics: dict) -> list[str]:
+    """Layers whose gradient is non-finite, in backpropagation order (output to
+    input: head, block L, ..., block 1, stem), for any seed of stacked metrics."""
+    def bad(key: str) -> bool:
+        return key in metrics and not np.isfinite(np.asarray(metrics[key], np.float64)).all()
+
+    names = ["head"] if bad("head_grad_norm") else []
+    norms = np.asarray(metrics["block_grad_norms"], np.float64)
+    norms = norms.reshape(-1, norms.shape[-1])
+    names += [f"block {l + 1}" for l in reversed(range(norms.shape[-1]))
+              if not np.isfinite(norms[:, l]).all()]
+    if bad("stem_grad_norm"):
+        names.append("stem")
+    return names
+
+
+def describe_nonfinite(metrics: dict, seeds: list[int] | None = None) -> str:
+    """Where a non-finite step went wrong, for error messages.
+
+    Names the first layer in backpropagation order (the order gradients are
+    computed, head to stem) whose gradient is non-finite: that is where the
+    overflow or NaN starts, every layer after it in that order inherits it.
+    """
+    loss = np.asarray(metrics["loss"], np.float64)
+    parts = [f"loss={loss.tolist()}" + ("" if np.isfinite(loss).all()
+                                        else " (the forward pass is already non-finite)")]
+    layers = nonfinite_layers(metrics)
+    if layers:
+        parts.append(f"first non-finite gradient in backpropagation order: {layers[0]}")
+        if len(layers) > 1:
+            parts.append(f"non-finite in {len(layers)} layers: {', '.join(layers)}")
+    else:
+        parts.append("every layer's gradient norm is finite")
+    if seeds is not None and len(seeds) > 1:
+        finite = np.asarray(metrics["finite"]).reshape(-1)
+        parts.append(f"seeds affected: {[s for s, ok in zip(seeds, finite) if not ok]}")
+    return "; ".join(parts)
 
 
 def seed_keys(train_cfg: TrainConfig, seeds: int) -> jax.Array:
