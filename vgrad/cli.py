@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             config=(tyro.conf.FlagConversionOff,))
         runner = next(run for cls, run in commands.values() if isinstance(args, cls))
         result = runner(args)
-    except ValueError as err:  # bad config values, unusable data: one clear line
+    except (ValueError, OSError) as err:  # bad config values, missing/unusable data: one clear line
         print(f"vgrad: error: {err}", file=sys.stderr)
         return 2
     return 1 if isinstance(result, dict) and result.get("status") not in (None, "completed") else 0

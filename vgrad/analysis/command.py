@@ -1,0 +1,223 @@
+"""``vgrad analyze``: measure gradient flow through one model on one batch.
+
+Loads a dataset, builds (or restores) a model, and on the first ``batch_size``
+training examples runs ``jacobian_products``, ``gradient_flow`` and a Jacobian
+spectrum (dense SVD when numel(h) <= ``DENSE_SPECTRUM_MAX_NUMEL``, otherwise
+the top singular values by subspace iteration). It prints a per-layer table
+and writes ``<out_dir>/analyze/<run-id>/``: ``config.json``, ``results.json``
+and ``figures/*.png`` (Jacobian products with the mean-field prediction where
+one exists, block Jacobians, gradient norms, spectrum).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from vgrad.analysis import plots, theory
+from vgrad.analysis.gradients import gradient_flow
+from vgrad.analysis.jacobians import (jacobian_products, jacobian_spectrum,
+                                      top_singular_values)
+from vgrad.config import DataConfig, ModelConfig, to_dict
+from vgrad.io import new_run_dir, to_jsonable, write_json
+
+DENSE_SPECTRUM_MAX_NUMEL = 2048
+TOP_K_SINGULAR_VALUES = 10
+TABLE_ROWS = 21
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyzeArgs:
+    """Arguments of ``vgrad analyze``: results go to out_dir/analyze/run_id."""
+
+    model: ModelConfig = ModelConfig()
+    """The model to analyse (must match the dataset's number of classes)."""
+    data: DataConfig = DataConfig()
+    """The dataset whose first ``batch_size`` training examples form the batch."""
+    batch_size: int = 128
+    """Examples in the analysed batch; Jacobians are of the whole-batch map."""
+    num_probes: int = 8
+    """Random probes per Jacobian estimate (relative error <= sqrt(2 / num_probes))."""
+    train_mode: bool = True
+    """BatchNorm uses batch statistics (as in training) or its running averages."""
+    seed: int = 0
+    """Seed of the model initialisation and of the probes."""
+    checkpoint: str | None = None
+    """A training run / checkpoint directory whose variables to analyse instead of a fresh init."""
+    out_dir: str = "runs"
+    """Root directory of results."""
+    run_id: str | None = None
+    """Run directory name (default: a timestamp)."""
+    float64: bool = False
+    """Run the analysis in float64 (jax_enable_x64) instead of float32, e.g. to check float32 results."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "num_probes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"invalid {name}={value!r}: must be an integer >= 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"invalid seed={self.seed!r}: must be an integer >= 0")
+
+
+def _load_variables(path: str, model: Any, x: Any) -> dict:
+    """Variables saved under ``path`` by ``vgrad.checkpoint``, checked against the model."""
+    from vgrad import checkpoint
+
+    variables = checkpoint.restore_variables(path)
+    expected = jax.eval_shape(model.init, jax.random.key(0), x)
+    shapes = lambda tree: jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), tree)
+    got = {k: variables.get(k, {}) for k in ("params", "batch_stats")}
+    if shapes(got) != shapes(expected):
+        raise ValueError(f"checkpoint {path!r} does not match the model config {model.cfg!r}: "
+                         f"variable shapes differ; the checkpoint was written by "
+                         f"{checkpoint.restore_model_config(path)!r}")
+    return got
+
+
+def _load_batch(args: AnalyzeArgs) -> tuple[np.ndarray, np.ndarray, int, str]:
+    from vgrad import data
+
+    ds = data.load_config(args.data)
+    if args.model.num_classes != ds.num_classes:
+        raise ValueError(f"model.num_classes={args.model.num_classes} but dataset "
+                         f"{args.data.name!r} has num_classes={ds.num_classes}; set "
+                         f"model.num_classes={ds.num_classes}")
+    n = min(args.batch_size, len(ds.x_train))
+    return (np.asarray(ds.x_train[:n], np.float32), np.asarray(ds.y_train[:n], np.int32),
+            int(ds.num_classes), args.data.name)
+
+
+def _theory(cfg: ModelConfig) -> dict | None:
+    """Mean-field numbers and prediction, or None where theory does not apply."""
+    try:
+        predicted = theory.predicted_log_product_sq_norms(cfg)
+    except ValueError as err:
+        return {"applies": False, "reason": str(err)}
+    weight_var = theory.effective_weight_var(cfg)
+    q = theory.q_star(cfg.activation, weight_var, cfg.bias_var, cfg.leaky_slope)
+    c = theory.chi1(cfg.activation, weight_var, cfg.bias_var, cfg.leaky_slope, q=q)
+    return {"applies": True, "effective_weight_var": weight_var, "bias_var": cfg.bias_var,
+            "q_star": q, "chi1": c,
+            "depth_scale": theory.depth_scale(cfg.activation, weight_var, cfg.bias_var,
+                                              cfg.leaky_slope),
+            "predicted_log_product_sq_norms": predicted}
+
+
+def _table_rows(L: int) -> list[int]:
+    if L + 1 <= TABLE_ROWS:
+        return list(range(L + 1))
+    return sorted({int(round(v)) for v in np.linspace(0, L, TABLE_ROWS)})
+
+
+def format_table(jac: Any, grad: Any) -> str:
+    """Per-layer table (about TABLE_ROWS rows) of a JacobianReport and a GradientReport."""
+    L = jac.depth
+    log10 = 1.0 / math.log(10.0)
+    head = (f"{'l':>5} {'log10 P_l':>10} {'log10 J_l':>10} {'|dL/dh^l|':>10} {'|dL/dW_l|':>10} "
+            f"{'act mean':>9} {'act std':>9} {'saturated':>9} {'dead':>6}")
+    lines = [head, "-" * len(head)]
+    fmt = lambda v, spec: "-" if v is None or (isinstance(v, float) and math.isnan(v)) \
+        else format(v, spec)
+    for l in _table_rows(L):
+        layer = float(jac.log_layer_sq_norms[l - 1]) * log10 if l >= 1 else None
+        weight = float(grad.weight_grad_norms[l - 1]) if l >= 1 else None
+        lines.append(
+            f"{l:>5} {fmt(float(jac.log_product_sq_norms[l]) * log10, '10.2f')} "
+            f"{fmt(layer, '10.3f'):>10} {fmt(float(grad.hidden_grad_norms[l]), '10.3e')} "
+            f"{fmt(weight, '10.3e'):>10} {fmt(float(grad.activation_mean[l]), '9.3f')} "
+            f"{fmt(float(grad.activation_std[l]), '9.3f')} "
+            f"{fmt(float(grad.saturated_fraction[l]), '9.3f'):>9} "
+            f"{fmt(float(grad.dead_fraction[l]), '6.3f'):>6}")
+    return "\n".join(lines)
+
+
+def _measure(args: AnalyzeArgs, model: Any, variables: dict, x: np.ndarray, y: np.ndarray,
+             probe_key: jax.Array, sv_key: jax.Array) -> tuple[Any, Any, dict, dict]:
+    """Jacobian products, gradient flow and spectrum of one batch, with timings."""
+    timings = {}
+    t = time.perf_counter()
+    jac = jacobian_products(model, variables, x, train=args.train_mode, key=probe_key,
+                            num_probes=args.num_probes)
+    timings["jacobian_products_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    grad = gradient_flow(model, variables, {"x": x, "y": y}, train=args.train_mode)
+    timings["gradient_flow_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if jac.numel <= DENSE_SPECTRUM_MAX_NUMEL:
+        sv = jacobian_spectrum(model, variables, x, train=args.train_mode,
+                               max_numel=DENSE_SPECTRUM_MAX_NUMEL)
+        with np.errstate(divide="ignore"):
+            spectrum = {"method": "dense_svd", "singular_values": sv,
+                        "log_singular_values": np.log(sv)}
+    else:
+        k = min(TOP_K_SINGULAR_VALUES, jac.numel)
+        log_sv = top_singular_values(model, variables, x, train=args.train_mode, key=sv_key,
+                                     k=k, log=True)
+        spectrum = {"method": "subspace_iteration", "k": k, "singular_values": np.exp(log_sv),
+                    "log_singular_values": log_sv}
+    timings["spectrum_s"] = time.perf_counter() - t
+    return jac, grad, spectrum, timings
+
+
+def analyze(args: AnalyzeArgs) -> dict:
+    """Run the analysis described by ``args``; returns the results dict (also written
+    to results.json)."""
+    from vgrad.models import build
+
+    x, y, num_classes, data_name = _load_batch(args)
+    model = build(args.model)
+    init_key, probe_key, sv_key = jax.random.split(jax.random.key(args.seed), 3)
+    if args.checkpoint is not None:
+        variables = _load_variables(args.checkpoint, model, x)
+    else:
+        variables = model.init(init_key, x)
+
+    with jax.enable_x64(args.float64):
+        if args.float64:  # cast once; every traced function then runs in float64
+            variables, x = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), (variables, x))
+        jac, grad, spectrum, timings = _measure(args, model, variables, x, y, probe_key, sv_key)
+    theory_info = _theory(args.model)
+
+    run_dir = new_run_dir(args.out_dir, "analyze", args.run_id)
+    print(f"vgrad analyze: {args.model.arch} depth={args.model.depth} width={args.model.width} "
+          f"activation={args.model.activation} init={args.model.init} norm={args.model.norm} "
+          f"residual={args.model.residual} | data={data_name} batch={x.shape[0]} "
+          f"train_mode={args.train_mode} | loss={grad.loss:.4f}")
+    print(format_table(jac, grad))
+    if theory_info and theory_info["applies"]:
+        print(f"mean-field: q*={theory_info['q_star']:.4g} chi1={theory_info['chi1']:.4g} "
+              f"depth scale={theory_info['depth_scale']:.4g} blocks")
+    print(f"end-to-end Jacobian dh^L/dh^0: top singular value "
+          f"{float(np.max(spectrum['singular_values'])):.4g} ({spectrum['method']})")
+
+    results = {
+        "config": to_dict(args),
+        "num_classes": num_classes,
+        "batch_size": int(x.shape[0]),
+        "jacobian": jac.to_dict(),
+        "gradients": grad.to_dict(),
+        "spectrum": spectrum,
+        "theory": theory_info,
+        "timings": timings,
+        "run_dir": str(run_dir),
+    }
+    write_json(run_dir / "config.json", to_dict(args))
+    write_json(run_dir / "results.json", results)
+
+    figures = run_dir / "figures"
+    label = f"{args.model.activation}/{args.model.init}"
+    overlay = ({label: theory_info["predicted_log_product_sq_norms"]}
+               if theory_info and theory_info["applies"] else None)
+    plots.save(plots.plot_layer_curves({label: jac}, theory=overlay), figures / "products.png")
+    plots.save(plots.plot_layer_curves({label: jac}, quantity="layer"), figures / "layers.png")
+    plots.save(plots.plot_grad_norms({label: grad}), figures / "grad_norms.png")
+    plots.save(plots.plot_spectrum(spectrum["singular_values"]), figures / "spectrum.png")
+    print(f"wrote {run_dir}")
+    return to_jsonable(results)
