@@ -34,6 +34,9 @@ class TrainArgs:
     log_every: int = 1
     """Write a train record to metrics.jsonl every this many steps."""
     progress: bool = True
+    data_parallel: bool = False
+    """Shard the batch (or, when seeds is a multiple of the device count, the seeds) over all
+    devices with jax.sharding; multi-host jobs are initialised from the usual environment."""
     resume: bool = False
     """Continue the run out_dir/train/<run_id> from its latest checkpoint; needs --run-id and
     the run's original config (repeat the original command and add --resume True)."""
@@ -91,6 +94,13 @@ def run_train(args: TrainArgs) -> dict:
                          f"{dataset.name!r} has {dataset.num_classes} classes")
     model = build(args.model)
     check_run(model, args.train, dataset, seeds=args.seeds)
+    mesh = None
+    if args.data_parallel:
+        from vgrad import parallel
+
+        parallel.maybe_initialize_distributed()
+        mesh = parallel.data_mesh()
+        parallel.check_batch_divisible(mesh, args.train.batch_size, args.seeds)
 
     run_dir = Path(args.out_dir) / "train" / args.run_id if args.run_id else None
     if args.resume:
@@ -104,7 +114,7 @@ def run_train(args: TrainArgs) -> dict:
         io.write_json(run_dir / "config.json", args)  # a resumed run keeps its original config.json
     start = time.perf_counter()
     result = fit(model, args.train, dataset, run_dir=run_dir, seeds=args.seeds,
-                 progress=args.progress, log_every=args.log_every,
+                 progress=args.progress, log_every=args.log_every, mesh=mesh,
                  checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                  resume=args.resume, run_config={"data": args.data})
     results = {"status": result.status, "message": result.message, "final": result.final,

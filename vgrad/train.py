@@ -566,13 +566,15 @@ def _jitted_fns_cached(model_cfg: Any, train_cfg: TrainConfig, num_steps: int | 
 
 
 def _make_jitted_fns(model: LayeredModel, train_cfg: TrainConfig, num_steps: int | None, seeds: int):
-    step_fn, eval_fn = train_step_fn(model, train_cfg, total_steps=num_steps), eval_step_fn(model)
+    from vgrad.parallel import make_step
+
+    eval_fn = eval_step_fn(model)
+    step = make_step(model, train_cfg, seeds=seeds, total_steps=num_steps)
     # Init is one compiled program instead of every op dispatched eagerly (seconds for deep nets).
     init = lambda key, x: create_state(model, train_cfg, key, x, total_steps=num_steps)
     if seeds == 1:
-        return jax.jit(init), jax.jit(step_fn, donate_argnums=0), jax.jit(eval_fn)
-    return (jax.jit(jax.vmap(init, in_axes=(0, None))), jax.jit(jax.vmap(step_fn), donate_argnums=0),
-            jax.jit(jax.vmap(eval_fn, in_axes=(0, None))))
+        return jax.jit(init), step, jax.jit(eval_fn)
+    return jax.jit(jax.vmap(init, in_axes=(0, None))), step, jax.jit(jax.vmap(eval_fn, in_axes=(0, None)))
 
 
 def _restore_latest(ckpt: Any, state: TrainState, config: dict) -> tuple[TrainState, dict]:
