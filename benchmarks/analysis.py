@@ -227,7 +227,7 @@ def markdown(r: dict) -> str:
         f"| dense whole-batch Jacobians, n x n (exact) | {_fmt_s(full['extrapolated_s'])} | "
         f"{_fmt_s(full['compile_s'])} | {r['speedup_vs_whole_batch']:.0f}x | {full_how} |",
         "",
-        f"| depth | `jacobian_products` time | per block | compile |",
+        "| depth | `jacobian_products` time | per block | compile |",
         "|---|---|---|---|",
     ]
     for row in r["depth_scaling"]:

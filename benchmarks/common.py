@@ -41,7 +41,10 @@ def torch_or_none() -> Any:
     imported: with libgomp's default spin-waiting, an eager step on a machine
     where another process holds a core waits out a scheduler slice at every
     parallel region (measured here: 0.8-1.6 instead of ~5 steps/s at width 512).
-    This favours torch on a busy machine and changes little on an idle one.
+    This favours torch on a busy machine; on an idle one PASSIVE costs a
+    multi-threaded step at small widths a wake-up per parallel region (32
+    instead of ~120 steps/s at width 128), which is why the throughput benchmark
+    also times torch with one thread and credits torch with the better setting.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:

@@ -20,23 +20,11 @@ import vgrad.models
 from vgrad.analysis import jacobian_products, jacobian_spectrum, top_singular_values
 from vgrad.config import ModelConfig
 
+from analysis_setup import setup
+
 SIGMAS = 5.0  # tolerance in estimator standard deviations (two-sided p ~ 6e-7)
 
 
-@functools.lru_cache(maxsize=None)
-def _jit_init(cfg: ModelConfig):
-    return jax.jit(vgrad.models.build(cfg).init)
-
-
-def setup(cfg: ModelConfig, batch: int = 3, length: int = 5, seed: int = 0):
-    model = vgrad.models.build(cfg)
-    x = jax.random.normal(jax.random.key(seed), (batch, length))
-    variables = _jit_init(cfg)(jax.random.key(seed + 1), x)
-    if cfg.norm == "batch":  # non-trivial running averages, so eval mode differs from train
-        variables = {**variables, "batch_stats": jax.tree_util.tree_map(
-            lambda a: a + 0.3 * jax.random.uniform(jax.random.key(seed + 2), a.shape),
-            variables["batch_stats"])}
-    return model, variables, x
 
 
 @functools.lru_cache(maxsize=None)
@@ -218,7 +206,6 @@ def test_deep_linear_orthogonal_network_is_an_isometry():
 @pytest.mark.parametrize("name", ["mlp-tanh", "conv-relu-bn-residual-train"])
 def test_top_singular_values_match_dense_spectrum(name):
     model, variables, x, train = case(name)
-    cfg = model.cfg
     sv = jacobian_spectrum(model, variables, x, train=train)
     top = top_singular_values(model, variables, x, train=train, key=jax.random.key(0), k=3,
                               num_iters=200)

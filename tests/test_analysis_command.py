@@ -106,6 +106,9 @@ def test_analyze_reads_a_training_checkpoint(tmp_path):
                              {"x": x, "y": np.asarray(vdata.load_config(data).y_train[:3])})
     np.testing.assert_allclose(from_ckpt["gradients"]["weight_grad_norms"], expected.weight_grad_norms,
                                rtol=1e-5)
+    # Without model fields the checkpoint's own config is used.
+    implicit = analyze(AnalyzeArgs(data=data, batch_size=3, checkpoint=str(run), out_dir=str(tmp_path)))
+    assert implicit["gradients"] == from_ckpt["gradients"]
     with pytest.raises(ValueError, match="does not match"):
         analyze(AnalyzeArgs(model=ModelConfig(depth=2, width=4, num_classes=3), data=data,
                             batch_size=3, checkpoint=str(run), out_dir=str(tmp_path)))

@@ -145,3 +145,35 @@ def test_wide_tanh_network_matches_mean_field():
     np.testing.assert_allclose(np.mean(late), chi1, rtol=0.02)
     slope = (report.log_product_sq_norms[3] - report.log_product_sq_norms[depth]) / (depth - 3)
     assert slope == pytest.approx(math.log(chi1), abs=0.02)
+
+
+def test_prediction_from_the_measured_input_tracks_the_transient():
+    """tanh at weight_var = 1, bias_var = 0 is critical with q* = 0: q decays like
+    1/k, so the fixed-point prediction (chi1 = 1, flat) misses the measured decay of
+    the products, while the prediction propagated from the stem output's second
+    moment follows it, block by block."""
+    width, depth = 1000, 12
+    cfg = ModelConfig(depth=depth, width=width, num_classes=3, activation="tanh",
+                      init="variance_scaling", weight_var=1.0)
+    model = vgrad.models.build(cfg)
+    x = 2.0 * jax.random.normal(jax.random.key(0), (8, 16))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    hs = np.asarray(model.hidden_states(variables, x, train=False), np.float64)
+    report = jacobian_products(model, variables, x, train=False, key=jax.random.key(2),
+                               num_probes=16)
+    propagated = theory.predicted_log_product_sq_norms(
+        cfg, input_second_moment=float(np.mean(hs[0] ** 2)))
+    fixed_point = theory.predicted_log_product_sq_norms(cfg)
+    measured = report.log_product_sq_norms
+    assert measured[0] < -0.3  # a clear decay over 12 blocks
+    # q_star stops at q ~ 5e-6 on its 1/k path to 0, where chi = 1 - O(q): flat.
+    np.testing.assert_allclose(fixed_point, 0.0, atol=1e-3)
+    # Finite-width error of a 1000-unit, 8-example batch: a few percent per block.
+    np.testing.assert_allclose(measured, propagated, atol=0.05 + 0.05 * abs(measured[0]))
+    # At the fixed point, propagation reproduces the fixed-point prediction.
+    ordered = ModelConfig(depth=5, width=4, activation="tanh", init="variance_scaling",
+                          weight_var=1.5, bias_var=0.05)
+    q = theory.q_star("tanh", 1.5, 0.05)
+    m = (q - 0.05) / 1.5  # the second moment of h that maps to q*
+    np.testing.assert_allclose(theory.predicted_log_product_sq_norms(ordered, input_second_moment=m),
+                               theory.predicted_log_product_sq_norms(ordered), rtol=1e-6, atol=1e-9)

@@ -48,7 +48,8 @@ class AnalyzeArgs:
     seed: int = 0
     """Seed of the model initialisation and of the probes."""
     checkpoint: str | None = None
-    """A training run / checkpoint directory whose variables to analyse instead of a fresh init."""
+    """A training run / checkpoint directory whose variables to analyse instead of a fresh init
+    (its model config is used unless model fields are given)."""
     out_dir: str = "runs"
     """Root directory of results."""
     run_id: str | None = None
@@ -93,10 +94,12 @@ def _load_batch(args: AnalyzeArgs) -> tuple[np.ndarray, np.ndarray, int, str]:
             int(ds.num_classes), args.data.name)
 
 
-def _theory(cfg: ModelConfig) -> dict | None:
-    """Mean-field numbers and prediction, or None where theory does not apply."""
+def _theory(cfg: ModelConfig, input_second_moment: float) -> dict | None:
+    """Mean-field numbers and the prediction propagated from the measured stem
+    output's second moment, or {"applies": False, ...} where theory does not apply."""
     try:
-        predicted = theory.predicted_log_product_sq_norms(cfg)
+        predicted = theory.predicted_log_product_sq_norms(
+            cfg, input_second_moment=input_second_moment)
     except ValueError as err:
         return {"applies": False, "reason": str(err)}
     weight_var = theory.effective_weight_var(cfg)
@@ -106,6 +109,7 @@ def _theory(cfg: ModelConfig) -> dict | None:
             "q_star": q, "chi1": c,
             "depth_scale": theory.depth_scale(cfg.activation, weight_var, cfg.bias_var,
                                               cfg.leaky_slope),
+            "input_second_moment": input_second_moment,
             "predicted_log_product_sq_norms": predicted}
 
 
@@ -168,8 +172,17 @@ def _measure(args: AnalyzeArgs, model: Any, variables: dict, x: np.ndarray, y: n
 
 def analyze(args: AnalyzeArgs) -> dict:
     """Run the analysis described by ``args``; returns the results dict (also written
-    to results.json)."""
+    to results.json).
+
+    With ``checkpoint`` and the default ``model``, the model config is the one the
+    checkpoint was trained with; an explicit ``model`` must match the checkpoint.
+    """
     from vgrad.models import build
+
+    if args.checkpoint is not None and args.model == ModelConfig():
+        from vgrad.checkpoint import restore_model_config
+
+        args = dataclasses.replace(args, model=restore_model_config(args.checkpoint))
 
     x, y, num_classes, data_name = _load_batch(args)
     model = build(args.model)
@@ -183,7 +196,8 @@ def analyze(args: AnalyzeArgs) -> dict:
         if args.float64:  # cast once; every traced function then runs in float64
             variables, x = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), (variables, x))
         jac, grad, spectrum, timings = _measure(args, model, variables, x, y, probe_key, sv_key)
-    theory_info = _theory(args.model)
+    h0 = model.hidden_states(variables, x, train=args.train_mode)[0]
+    theory_info = _theory(args.model, float(np.mean(np.square(h0))))
 
     run_dir = new_run_dir(args.out_dir, "analyze", args.run_id)
     print(f"vgrad analyze: {args.model.arch} depth={args.model.depth} width={args.model.width} "

@@ -89,24 +89,6 @@ class GradientReport:
         return to_jsonable(self)
 
 
-def _identity_mask(L: int, identity_blocks: Sequence[int] | np.ndarray | None) -> np.ndarray:
-    """1-based block indices or a bool mask (L,) -> bool mask (L,)."""
-    if identity_blocks is None:
-        return np.zeros((L,), bool)
-    arr = np.asarray(identity_blocks)
-    if arr.dtype == np.bool_:
-        if arr.shape != (L,):
-            raise ValueError(f"identity_blocks mask must have shape ({L},), got {arr.shape}")
-        return arr.copy()
-    blocks = [int(b) for b in np.ravel(arr)]
-    bad = [b for b in blocks if not 1 <= b <= L]
-    if bad:
-        raise ValueError(f"invalid identity_blocks={bad}: block indices run from 1 to {L}")
-    mask = np.zeros((L,), bool)
-    mask[np.asarray(blocks, int) - 1] = True
-    return mask
-
-
 def _block_apply(model: Any, variables: dict, l: jax.Array, train: bool,
                  identity_sublayers: tuple[str, ...], capture: bool = False):
     """Block l as a function of its input, with ``identity_sublayers`` applied
@@ -246,13 +228,12 @@ def gradient_flow(model: Any, variables: dict, batch: dict, *, train: bool = Tru
     stack (applying the same attribution); they equal autodiff of the full loss
     with respect to each h^l. Jitted, cached per (config, train, sublayers).
     """
-    L = model.depth
     sub = tuple(sorted(set(identity_sublayers)))
     unknown = set(sub) - set(SUBLAYER_KINDS)
     if unknown:
         raise ValueError(f"invalid identity_sublayers={sorted(unknown)}: allowed values are "
                          + ", ".join(SUBLAYER_KINDS))
-    mask = _identity_mask(L, identity_blocks)
+    mask = np.asarray(model.identity_mask(identity_blocks))
     x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
     if y.shape != x.shape[:1]:
         raise ValueError(f"batch['y'] must have shape ({x.shape[0]},), got {y.shape}")

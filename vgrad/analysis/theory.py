@@ -213,25 +213,38 @@ def effective_weight_var(cfg: ModelConfig) -> float:
     return float(table[cfg.init])
 
 
-def predicted_log_product_sq_norms(cfg: ModelConfig) -> np.ndarray:
-    """Mean-field prediction of ``JacobianReport.log_product_sq_norms``, shape (L+1,):
-    log(chi1) * (L - l) for l = 0..L.
+def predicted_log_product_sq_norms(cfg: ModelConfig, *,
+                                   input_second_moment: float | None = None) -> np.ndarray:
+    """Mean-field prediction of ``JacobianReport.log_product_sq_norms``, shape (L+1,).
 
-    Valid for plain blocks (Dense/Conv -> activation) in the wide limit, at the
-    fixed point q* (the stem's output variance is not q*, so the first blocks
-    may deviate while q converges), for a batch map without BatchNorm (block
-    diagonal, so the per-example theory applies). Conv: ignores the zero
-    padding at the sequence ends. Residual blocks and normalisation layers have
-    no prediction of this form and raise ValueError.
+    Without ``input_second_moment``: at the fixed point q*, log(chi1) * (L - l).
+    With it (mean(h0**2), the per-unit second moment of the stem output h^0):
+    the pre-activation variance is propagated block by block from the actual
+    input, q_1 = weight_var * mean(h0**2) + bias_var, q_{k+1} = length_map(q_k),
+    and log P_l = sum_{k=l+1..L} log chi(q_k), chi(q) = weight_var E[phi'(sqrt(q) z)^2].
+    This also predicts the transient while q approaches q* (e.g. the slow
+    1/k decay of q for tanh at weight_var = 1, bias_var = 0).
+
+    Valid for plain blocks (Dense/Conv -> activation) in the wide limit, for a
+    batch map without BatchNorm (block diagonal, so the per-example theory
+    applies). Conv: ignores the zero padding at the sequence ends. Residual
+    blocks and normalisation layers have no prediction of this form and raise
+    ValueError.
     """
     if cfg.residual:
         raise ValueError("no mean-field prediction for residual blocks (residual=True)")
     if cfg.norm != "none":
         raise ValueError(f"no mean-field prediction with normalisation (norm={cfg.norm!r})")
-    c = chi1(cfg.activation, effective_weight_var(cfg), cfg.bias_var, cfg.leaky_slope)
-    log_c = math.log(c) if c > 0 else -math.inf
-    remaining = np.arange(cfg.depth, -1, -1, dtype=np.float64)  # L - l
+    weight_var, bias_var, slope = effective_weight_var(cfg), cfg.bias_var, cfg.leaky_slope
+    log = lambda c: math.log(c) if c > 0 else -math.inf
+    if input_second_moment is None:
+        log_chis = np.full(cfg.depth, log(chi1(cfg.activation, weight_var, bias_var, slope)))
+    else:
+        q, log_chis = weight_var * float(input_second_moment) + bias_var, []
+        for _ in range(cfg.depth):
+            log_chis.append(log(chi1(cfg.activation, weight_var, bias_var, slope, q=q)))
+            q = length_map(cfg.activation, q, weight_var, bias_var, leaky_slope=slope)
+        log_chis = np.asarray(log_chis)
     with np.errstate(invalid="ignore"):
-        out = log_c * remaining
-    out[-1] = 0.0
-    return out
+        # out[l] = sum of log chi over blocks l+1..L; the last entry (P_L = I) is 0.
+        return np.concatenate([np.cumsum(log_chis[::-1])[::-1], [0.0]])

@@ -43,8 +43,8 @@ class LayeredModel:
                              + ", ".join(SUBLAYER_KINDS))
         return Network(self.cfg, train, tuple(sorted(identity_sublayers)), collect)
 
-    def _flags(self, identity_blocks: Sequence[int] | jax.Array | None) -> jax.Array:
-        """Block indices (1-based) or a bool mask of shape (L,) -> bool mask (L,)."""
+    def identity_mask(self, identity_blocks: Sequence[int] | jax.Array | None) -> jax.Array:
+        """Block indices (1-based) or a bool mask of shape (L,) -> bool mask (L,); ValueError if out of range."""
         L = self.cfg.depth
         if identity_blocks is None:
             return jnp.zeros((L,), bool)
@@ -61,14 +61,14 @@ class LayeredModel:
 
     def init(self, key: jax.Array, x: jax.Array) -> Variables:
         """Initial variables for inputs shaped like ``x`` (B, ...). Pure."""
-        variables = self._network(train=False).init(key, x, self._flags(None))
+        variables = self._network(train=False).init(key, x, self.identity_mask(None))
         return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
     def _run(self, variables: Variables, x: jax.Array, train: bool, identity_blocks,
              identity_sublayers, collect: bool):
         net = self._network(train, identity_sublayers, collect)
         mutate = train and self.has_batch_stats
-        out = net.apply(variables, x, self._flags(identity_blocks),
+        out = net.apply(variables, x, self.identity_mask(identity_blocks),
                         mutable=["batch_stats"] if mutate else False)
         if mutate:
             out, updates = out
