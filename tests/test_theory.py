@@ -95,6 +95,10 @@ def test_marginal_case_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         theory.q_star("tanh", 1.5, 0.05)
+        # Run long enough, the 1/t decay is recognised as the fixed point 0, where
+        # tanh's chi1 = weight_var * tanh'(0)^2 = 1 exactly (critical).
+        assert theory.q_star("tanh", 1.0, 0.0) == 0.0
+        assert theory.chi1("tanh", 1.0, 0.0) == pytest.approx(1.0, abs=1e-9)
 
 
 def test_predicted_products_and_effective_weight_variance():
@@ -166,8 +170,7 @@ def test_prediction_from_the_measured_input_tracks_the_transient():
     fixed_point = theory.predicted_log_product_sq_norms(cfg)
     measured = report.log_product_sq_norms
     assert measured[0] < -0.3  # a clear decay over 12 blocks
-    # q_star stops at q ~ 5e-6 on its 1/k path to 0, where chi = 1 - O(q): flat.
-    np.testing.assert_allclose(fixed_point, 0.0, atol=1e-3)
+    np.testing.assert_allclose(fixed_point, 0.0, atol=1e-6)  # q* = 0, chi1 = 1: flat
     # Finite-width error of a 1000-unit, 8-example batch: a few percent per block.
     np.testing.assert_allclose(measured, propagated, atol=0.05 + 0.05 * abs(measured[0]))
     # At the fixed point, propagation reproduces the fixed-point prediction.

@@ -29,6 +29,7 @@ from vgrad.analysis.jacobians import _MODELS, _cache_key, _canonical_model
 from vgrad.io import to_jsonable
 from vgrad.models.activations import RECTIFIED
 from vgrad.models.blocks import SUBLAYER_KINDS, Block, Layer, Network
+from vgrad.train import block_norms, part_norms
 
 # A saturating unit counts as saturated when its derivative is below this
 # fraction of the activation's maximal derivative (which is at 0 for all of
@@ -189,12 +190,9 @@ def _gradient_flow_fn(key: Any, train: bool, identity_sublayers: tuple[str, ...]
         _, below = jax.lax.scan(back, g_top, jnp.arange(L, 0, -1))
         hidden = jnp.concatenate([below[::-1], jnp.sqrt(jnp.sum(g_top**2))[None]])
 
-        sq = lambda tree: sum(jnp.sum(a**2) for a in jax.tree_util.tree_leaves(tree))
-        block_grads = grads["blocks"]["block"]
-        weight = jnp.sqrt(sum(jnp.sum(a.reshape(L, -1) ** 2, axis=1)
-                              for a in jax.tree_util.tree_leaves(block_grads)))
-        stem = jnp.sqrt(sq(grads["stem"]))
-        head = jnp.sqrt(sq(grads["head"]))
+        # The same per-part norms as the training step's metrics.
+        weight = block_norms(grads)
+        stem, head = (part_norms(grads)[k] for k in ("stem", "head"))
 
         def block_stats(l):
             _, acts = _block_apply(model, variables, l, train, (), capture=True)(hs[l - 1])

@@ -47,6 +47,7 @@ TAIL = 12.0
 # q below Q_COLLAPSE counts as collapsed to 0, above Q_DIVERGE as diverged.
 Q_COLLAPSE = 1e-30
 Q_DIVERGE = 1e30
+Q_MARGINAL = 1e-4  # below this fraction of q0 after max_iter: a marginal decay to 0
 # chi1 at a collapsed / diverged fixed point is the limit q -> 0+ / q -> inf,
 # evaluated at these q (they matter only for activations that are not
 # positively homogeneous; for relu-like and linear ones chi1 is q-independent).
@@ -144,10 +145,10 @@ def q_star(activation: str, weight_var: float, bias_var: float, leaky_slope: flo
     weight_var < 2 and bias_var = 0, where q shrinks geometrically) and
     ``math.inf`` if they exceed ``Q_DIVERGE`` (e.g. linear with weight_var > 1):
     then no finite positive fixed point is reachable from q0. Converged means
-    |q_{t+1} - q_t| <= tol * q_t. If ``max_iter`` iterations do not converge
-    (marginal cases, e.g. tanh with weight_var = 1 and bias_var = 0, where q
-    decays like 1/t towards 0) the last iterate is returned with a
-    RuntimeWarning.
+    |q_{t+1} - q_t| <= tol * q_t. If ``max_iter`` iterations do not converge,
+    an iterate below ``Q_MARGINAL * q0`` is the slow (1/t) decay of a marginal
+    case towards q* = 0 (e.g. tanh with weight_var = 1 and bias_var = 0) and
+    gives 0.0; otherwise the last iterate is returned with a RuntimeWarning.
     """
     if weight_var <= 0 or bias_var < 0:
         raise ValueError(f"need weight_var > 0 and bias_var >= 0, got {weight_var}, {bias_var}")
@@ -162,6 +163,10 @@ def q_star(activation: str, weight_var: float, bias_var: float, leaky_slope: flo
         return 0.0
     if status == 2:
         return math.inf
+    if status == 3 and q < Q_MARGINAL * q0:
+        # Still decaying after max_iter and far below the start: the algebraic
+        # (1/t) approach to q* = 0 of a marginal case, e.g. tanh at weight_var = 1.
+        return 0.0
     if status == 3:
         warnings.warn(f"q_star({activation!r}, weight_var={weight_var}, bias_var={bias_var}) did "
                       f"not converge in {max_iter} iterations; returning the last iterate "
