@@ -179,3 +179,15 @@ def save(name: str, result: dict, out_dir: Path | str | None = None) -> Path:
     from vgrad.io import write_json
 
     return write_json(results_path(name, bool(result.get("quick")), out_dir), result)
+
+
+def cli(run: Any, doc: str, argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.NAME [--quick] [--out DIR]`` for a module whose
+    ``run(quick, out_dir)`` returns a dict with "markdown"."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced sizes (a smoke run)")
+    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    print(run(args.quick, args.out)["markdown"])

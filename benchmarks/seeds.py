@@ -15,7 +15,6 @@ median of interleaved repeats, compile excluded and reported separately.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
@@ -175,11 +174,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    print(run(args.quick, args.out)["markdown"])
+    common.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

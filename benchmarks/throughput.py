@@ -23,7 +23,6 @@ layer (the BatchNorm / ReLU / optimizer elementwise work is not counted).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Any
@@ -338,11 +337,7 @@ def _fmt(v: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    print(run(args.quick, args.out)["markdown"])
+    common.cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

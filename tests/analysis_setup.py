@@ -23,3 +23,24 @@ def setup(cfg: ModelConfig, batch: int = 3, length: int = 5, seed: int = 0):
             lambda a: a + 0.3 * jax.random.uniform(jax.random.key(seed + 2), a.shape),
             variables["batch_stats"])}
     return model, variables, x
+
+
+# name: (config, BatchNorm train mode). Covers mlp/conv, with and without
+# BatchNorm (train and eval mode), residual or not.
+CASES = {
+    "mlp-tanh": (ModelConfig(depth=3, width=4, num_classes=3, activation="tanh",
+                             init="variance_scaling", weight_var=1.5, bias_var=0.1), True),
+    "mlp-relu-bn-residual-train": (ModelConfig(depth=3, width=4, num_classes=3, norm="batch",
+                                               residual=True), True),
+    "conv-relu-bn-residual-train": (ModelConfig(arch="conv", depth=3, width=3, num_classes=3,
+                                                norm="batch", residual=True, kernel_size=3), True),
+    "conv-tanh-bn-eval": (ModelConfig(arch="conv", depth=2, width=3, num_classes=3,
+                                      activation="tanh", norm="batch", kernel_size=3), False),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def case(name: str):
+    """(model, variables, x, train) of a named case, built once per test session."""
+    cfg, train = CASES[name]
+    return (*setup(cfg), train)

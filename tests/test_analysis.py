@@ -20,7 +20,7 @@ import vgrad.models
 from vgrad.analysis import jacobian_products, jacobian_spectrum, top_singular_values
 from vgrad.config import ModelConfig
 
-from analysis_setup import setup
+from analysis_setup import CASES, case, setup
 
 SIGMAS = 5.0  # tolerance in estimator standard deviations (two-sided p ~ 6e-7)
 
@@ -66,32 +66,11 @@ def probe_sd(m: np.ndarray, k: int) -> float:
     return math.sqrt(max(var, 0.0) / k)
 
 
-# name: (config, BatchNorm train mode). Covers mlp/conv, with and without
-# BatchNorm (train and eval mode), residual or not.
-CASES = {
-    "mlp-tanh": (ModelConfig(depth=3, width=4, num_classes=3, activation="tanh",
-                             init="variance_scaling", weight_var=1.5, bias_var=0.1), True),
-    "mlp-relu-bn-residual-train": (ModelConfig(depth=3, width=4, num_classes=3, norm="batch",
-                                               residual=True), True),
-    "conv-relu-bn-residual-train": (ModelConfig(arch="conv", depth=3, width=3, num_classes=3,
-                                                norm="batch", residual=True, kernel_size=3), True),
-    "conv-tanh-bn-eval": (ModelConfig(arch="conv", depth=2, width=3, num_classes=3,
-                                      activation="tanh", norm="batch", kernel_size=3), False),
-}
-
-
 @functools.lru_cache(maxsize=None)
 def reference(name: str):
     """Dense (J_l, P_l) of a named case, computed once per test session."""
     model, variables, x, train = case(name)
     return dense_reference(model, variables, x, train)
-
-
-@functools.lru_cache(maxsize=None)
-def case(name: str):
-    """(model, variables, x, train) of a named case, built once per test session."""
-    cfg, train = CASES[name]
-    return (*setup(cfg), train)
 
 
 @pytest.mark.parametrize("name", list(CASES))
