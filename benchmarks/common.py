@@ -136,16 +136,6 @@ def interleaved_rates(fns: dict[str, Callable[[int], Any]], *, repeats: int, rep
             for name, r in rates.items()}
 
 
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls (seconds)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
         if v is None:

@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-DATASETS = ("mnist1d", "digits", "synthetic", "mnist", "fashion_mnist")
+from vgrad.config import DATASETS  # one list of names, also validated by DataConfig
 
 # Features whose train std is below this are treated as constant (see _standardize).
 _MIN_STD = 1e-6
