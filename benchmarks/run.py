@@ -31,7 +31,7 @@ from pathlib import Path
 
 from benchmarks import common
 
-BENCHMARKS = ("throughput", "seeds", "compile_time", "analysis")
+BENCHMARKS = ("throughput", "seeds", "sweep", "compile_time", "analysis")
 
 
 def available(name: str) -> bool:

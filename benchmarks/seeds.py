@@ -121,7 +121,7 @@ def end_to_end_runs(model: Any, train_cfg: TrainConfig, seeds: int, *, steps: in
     ``fit()`` N times (data order, per-step host metrics, evaluation, results),
     each after one warm-up run so that compilation (cached by fit) is excluded."""
     from vgrad import data
-    from vgrad.train import fit
+    from vgrad.loop import fit
 
     ds = data.load("synthetic", dim=IN_DIM, num_classes=NUM_CLASSES, num_train=batch * 8,
                    num_test=batch)

@@ -4,7 +4,8 @@ For a baseline (sigmoid, naive N(0, 0.01²) init) and each fix (Xavier/tanh,
 He/ReLU, BatchNorm, residual connections, BN + residual) it measures
 log ||P_l||_F^2 / n, P_l = dh^L/dh^l, on one MNIST-1D batch with
 ``vgrad.analysis.jacobian_products`` (BatchNorm in training mode, so the batch
-coupling counts), overlays the mean-field prediction where one exists, and
+coupling counts), overlays the mean-field prediction where one exists (plain
+and pre-activation residual networks without normalisation), and
 writes ``runs/mitigations_at_init/<run-id>/`` (results.json, report.md,
 figures/products.png). With ``--seeds N`` every curve is the mean over N
 initialisations, with the min-max band.
@@ -36,11 +37,19 @@ VARIANTS = {
     "tanh, Xavier": dict(activation="tanh", init="glorot_normal"),
     "ReLU, He": dict(activation="relu", init="he_normal"),
     "sigmoid, naive + BatchNorm": dict(activation="sigmoid", init="normal", init_std=0.01, norm="batch"),
+    # Residual blocks are pre-activation (ModelConfig.residual_form's default):
+    # h + alpha * F(h), F = [BN] -> act -> Dense -> [BN] -> act -> Dense.
     "sigmoid, naive + residual": dict(activation="sigmoid", init="normal", init_std=0.01,
                                       residual=True),
+    "ReLU, He + residual 1/√L": dict(activation="relu", init="he_normal", residual=True,
+                                     residual_scale="inv_sqrt_depth"),
     "ReLU, He + BN + residual 1/√L": dict(activation="relu", init="he_normal", norm="batch",
                                           residual=True, residual_scale="inv_sqrt_depth"),
 }
+
+
+# Curves within this many decades of 1 count as mitigations for the zoomed panel.
+ZOOM_MAX_DECADES = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +101,7 @@ def run(args: Args) -> dict:
         try:  # propagated from the measured stem output, so the transient is predicted too
             predicted = theory.predicted_log_product_sq_norms(
                 cfg, input_second_moment=float(np.mean(h0_second_moments)))
-        except ValueError:  # no mean-field prediction for BN / residual blocks
+        except ValueError:  # no mean-field prediction with normalisation layers
             predicted = None
         curves[label] = {"config": cfg, "log_product_sq_norms": logs, "theory": predicted}
         log10_p0 = logs[:, 0] / math.log(10)
@@ -137,9 +146,13 @@ def _plot(curves: dict, args: Args, path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("log10  ||P_l||_F^2 / n,   P_l = dh^L / dh^l")
     axes[0].set_title("all variants", fontsize=10)
-    axes[1].set_ylim(-4, 4)
-    axes[1].set_title("zoom on the mitigations (y from -4 to 4)", fontsize=10)
-    axes[1].legend(fontsize=8, loc="lower right")
+    # Zoom on the curves that stay within a few decades (the mitigations), with margin.
+    spans = [np.abs(c["log_product_sq_norms"] / math.log(10)).max() for c in curves.values()]
+    zoom = 1.2 * max([s for s in spans if s < ZOOM_MAX_DECADES], default=ZOOM_MAX_DECADES / 1.2)
+    axes[1].set_ylim(-zoom, zoom)
+    axes[1].set_title(f"zoom on the mitigations (y from {-zoom:.1f} to {zoom:.1f})", fontsize=10)
+    # The lower right of the left panel is empty (every curve ends at 0, the naive one rises to it).
+    axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Gradient product at initialisation, depth {args.depth}, width {args.width}, "
                  f"{args.seeds} seed(s) (dashed: mean-field prediction)", fontsize=11)
     fig.tight_layout()

@@ -34,7 +34,9 @@ def test_reports_serialise_and_plot(tmp_path):
     d = json.loads(json.dumps(report.to_dict()))
     assert len(d["log_product_sq_norms"]) == cfg.depth + 1
     fig = plot_layer_curves({"tanh": report},
-                            theory={"tanh": theory.predicted_log_product_sq_norms(cfg)})
+                            theory={"tanh": theory.predicted_log_product_sq_norms(
+                                cfg, input_second_moment=float(np.mean(np.square(
+                                    model.hidden_states(variables, x, train=False)[0]))))})
     assert isinstance(fig, Figure)
     assert len(fig.axes[0].lines) == 2
     assert isinstance(plot_layer_curves({"tanh": report}, quantity="layer"), Figure)
@@ -91,7 +93,7 @@ def test_analyze_float64_agrees_with_float32(tmp_path):
 def test_analyze_reads_a_training_checkpoint(tmp_path):
     from vgrad import TrainConfig, data as vdata
     from vgrad.analysis.command import AnalyzeArgs, analyze
-    from vgrad.train import fit
+    from vgrad.loop import fit
 
     data = DataConfig(name="synthetic", options=(("dim", 5), ("num_classes", 3),
                                                  ("num_train", 16), ("num_test", 4)))

@@ -21,7 +21,7 @@ def test_benchmarks_quick_run_writes_every_result(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     summary = (tmp_path / "summary_quick.md").read_text()
-    for name in ("throughput", "seeds", "compile_time"):
+    for name in ("throughput", "seeds", "sweep", "compile_time"):
         result = json.loads((tmp_path / f"{name}_quick.json").read_text())
         assert result["quick"] is True and result["machine"]["jax"]
         assert result["markdown"].splitlines()[0] in summary
@@ -32,5 +32,8 @@ def test_benchmarks_quick_run_writes_every_result(tmp_path):
         assert case["torch"]["step0_abs_loss_diff"] < 1e-4
     seeds = json.loads((tmp_path / "seeds_quick.json").read_text())
     assert seeds["seed0_step0_loss_abs_diff"] == 0.0
+    swept = json.loads((tmp_path / "sweep_quick.json").read_text())
+    # The sweep and the loop of fit calls train the same runs to the same accuracies.
+    assert swept["max_accuracy_difference_sweep_vs_fit"] == 0.0 and swept["config"]["runs"] == 4
     compile_time = json.loads((tmp_path / "compile_time_quick.json").read_text())
     assert set(compile_time["results"]["scanned"]) == {str(d) for d in compile_time["depths"]}

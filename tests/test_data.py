@@ -355,7 +355,7 @@ def test_mismatched_image_label_counts(tmp_path):
     arrays = _small_mnist(np.random.default_rng(0))
     arrays["y_train"] = arrays["y_train"][:-1]
     _write_idx_dir(tmp_path, arrays, compress=False)
-    with pytest.raises(ValueError, match="12 images.*11 labels"):
+    with pytest.raises(ValueError, match="x_train has 12 examples.*y_train has 11 labels"):
         data.load("mnist", path=tmp_path)
 
 

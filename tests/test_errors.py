@@ -1,8 +1,8 @@
 """Every bad input fails early with one clear message naming what is wrong.
 
 From the command line (`vgrad train`): exit status 2, a one-line
-"vgrad: error: ..." (or tyro's box for a value it cannot parse), no traceback,
-and no run directory. From Python (`fit`): ValueError naming the field.
+"vgrad: error: ..." naming the flag as typed, no traceback, and no run
+directory. From Python (`fit`): ValueError naming the field.
 """
 
 import gzip
@@ -15,7 +15,7 @@ import pytest
 from vgrad import ModelConfig, TrainConfig, data
 from vgrad.cli import main
 from vgrad.models import build
-from vgrad.train import fit
+from vgrad.loop import fit
 
 SYNTH = ["--data.name", "synthetic", "--data.options", "dim", "8", "num_train", "64",
          "num_test", "16", "num_classes", "4", "--model.num_classes", "4"]
@@ -239,6 +239,6 @@ def test_resume_errors(tmp_path, capsys):
                          "incompatible config", "model.width: checkpoint has 8, this run has 16",
                          "train.optimizer: checkpoint has 'sgd', this run has 'adam'")
     assert "train.learning_rate" not in flat  # only the fields that differ
-    _expect_error(tmp_path, capsys, [*base, "--run_id", "r"], "already holds a run", "--resume True")
+    _expect_error(tmp_path, capsys, [*base, "--run_id", "r"], "already holds a run", "--resume true")
     # The same config resumes (here: nothing left to do but the final evaluation).
     assert _train(tmp_path, *base, "--run_id", "r", "--resume", "True") == 0

@@ -224,13 +224,22 @@ def _reference_logits(cfg, variables, x):
 
     params = variables["params"]
     h = x[..., None] if cfg.arch == "conv" else x
-    h = layer(params["stem"], h)
+    preact = cfg.residual and cfg.residual_form == "preact"
+    # The pre-activation network's stem has no activation: its blocks begin with one.
+    h = norm(params["stem"], linear(params["stem"][lin_name], h)) if preact else layer(params["stem"], h)
     stacked = params["blocks"]["block"]
     for l in range(cfg.depth):
         p = jax.tree_util.tree_map(lambda a: a[l], stacked)
         if cfg.residual:
             alpha = {"inv_sqrt_depth": 1 / math.sqrt(cfg.depth)}.get(cfg.residual_scale, cfg.residual_scale)
-            h = h + alpha * layer(p["layer_1"], layer(p["layer_0"], h))
+            if cfg.residual_form == "preact":  # h + alpha * Dense(act(norm(Dense(act(norm(h))))))
+                a = act(norm(p.get("layer_0"), h))  # no entry without norm parameters
+                h = h + alpha * linear(p["branch_out"], layer(p["layer_1"], a))
+            elif cfg.residual_form == "postact":  # act(h + alpha * norm(Dense(act(norm(Dense(h))))))
+                a = layer(p["layer_0"], h)
+                h = act(h + alpha * norm(p["layer_1"], linear(p["layer_1"][lin_name], a)))
+            else:  # branch_act: h + alpha * act(norm(Dense(act(norm(Dense(h))))))
+                h = h + alpha * layer(p["layer_1"], layer(p["layer_0"], h))
         else:
             h = layer(p["layer_0"], h)
     if cfg.arch == "conv":
@@ -244,6 +253,9 @@ def _reference_logits(cfg, variables, x):
     dict(activation="sigmoid", residual=True, residual_scale=0.7, norm="layer"),
     dict(activation="gelu", arch="conv", kernel_size=3),
     dict(activation="elu", arch="conv", residual=True),
+    dict(activation="tanh", residual=True, residual_form="postact", norm="layer", residual_scale=0.7),
+    dict(activation="relu", arch="conv", residual=True, residual_form="postact"),
+    dict(activation="sigmoid", residual=True, residual_form="branch_act", residual_scale=0.7),
 ])
 def test_scanned_model_equals_python_loop_reference(kw):
     cfg = ModelConfig(depth=4, width=8, num_classes=3, bias_var=0.1, **kw)
@@ -287,7 +299,9 @@ def test_deep_model_initialises_and_compiles_quickly():
     model = build(cfg)
     x = jnp.ones((4, 10))
     variables = model.init(KEY, x)
-    assert variables["params"]["blocks"]["block"]["layer_0"]["Dense_0"]["kernel"].shape == (1000, 32, 32)
+    block = variables["params"]["blocks"]["block"]  # pre-activation: layer_0 is [BN] -> act
+    assert block["layer_1"]["Dense_0"]["kernel"].shape == (1000, 32, 32)
+    assert block["branch_out"]["kernel"].shape == (1000, 32, 32)
     logits, stats = jax.jit(lambda v, x: model.apply(v, x, train=True))(variables, x)
     assert logits.shape == (4, 10) and np.isfinite(logits).all()
 

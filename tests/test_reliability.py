@@ -20,7 +20,8 @@ from vgrad import DataConfig, ModelConfig, TrainConfig, data, io
 from vgrad.checkpoint import committed_steps, load_checkpoint
 from vgrad.cli import TrainArgs, main, run_train
 from vgrad.models import build
-from vgrad.train import create_state, describe_nonfinite, fit, make_train_step, nonfinite_layers
+from vgrad.loop import fit
+from vgrad.train import create_state, describe_nonfinite, make_train_step, nonfinite_layers
 
 MODEL = ModelConfig(depth=3, width=8, num_classes=4)
 SYNTH = dict(dim=8, num_train=64, num_test=16, num_classes=4)
@@ -138,12 +139,12 @@ def test_cli_writes_diverged_results_and_exits_nonzero(tmp_path, capsys):
 
 _SLOW_CLI = """
 import sys, time
-import vgrad.train
-original = vgrad.train.as_numpy_metrics
+import vgrad.group_records
+original = vgrad.group_records.as_numpy_metrics
 def slow(metrics):
     time.sleep(0.05)
     return original(metrics)
-vgrad.train.as_numpy_metrics = slow
+vgrad.group_records.as_numpy_metrics = slow
 from vgrad.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -242,12 +243,12 @@ def test_run_files_are_written_atomically_and_record_the_environment(tmp_path, m
 
 
 def test_same_config_and_seed_are_bit_identical_other_seed_is_not(ds):
-    from vgrad.train import _jitted_fns_cached
+    from vgrad.programs import programs_cache_clear
 
     cfg = TrainConfig(batch_size=16, epochs=2, eval_every=3)
     model = build(MODEL)
     a = fit(model, cfg, ds, progress=False)
-    _jitted_fns_cached.cache_clear()  # the second run compiles afresh too
+    programs_cache_clear()  # the second run compiles afresh too
     b = fit(build(model.cfg), cfg, ds, progress=False)
     assert a.history == b.history and a.final == b.final  # exact, not approximate
     for x, y in zip(jax.tree_util.tree_leaves(a.state), jax.tree_util.tree_leaves(b.state)):

@@ -8,7 +8,8 @@ import pytest
 
 from vgrad import ModelConfig, TrainConfig, data
 from vgrad.models import build
-from vgrad.train import create_state, fit, make_eval_step, make_optimizer, make_train_step
+from vgrad.loop import fit
+from vgrad.train import create_state, make_eval_step, make_optimizer, make_train_step
 
 KEY = jax.random.key(0)
 
@@ -123,9 +124,10 @@ def test_eval_step_uses_running_averages_or_batch_statistics():
     logits_eval, _ = model.apply(state.variables, x, train=False)
     logits_train, _ = model.apply(state.variables, x, train=True)
     expected = optax.softmax_cross_entropy_with_integer_labels
-    np.testing.assert_allclose(running["loss_sum"], expected(logits_eval, batch["y"]).sum(), rtol=1e-5)
-    np.testing.assert_allclose(batch_mode["loss_sum"], expected(logits_train, batch["y"]).sum(), rtol=1e-5)
-    assert not np.isclose(running["loss_sum"], batch_mode["loss_sum"])
+    np.testing.assert_allclose(running["losses"], expected(logits_eval, batch["y"]), rtol=1e-5)
+    np.testing.assert_allclose(batch_mode["losses"], expected(logits_train, batch["y"]), rtol=1e-5)
+    assert not np.allclose(running["losses"], batch_mode["losses"])
+    np.testing.assert_array_equal(running["correct"], np.argmax(logits_eval, -1) == batch["y"])
 
 
 def test_small_mlp_learns_digits(digits):

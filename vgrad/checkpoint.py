@@ -3,7 +3,7 @@
 A run directory holds its checkpoints in ``run_dir/checkpoints/<step>/``, one
 per saved step, each with two items:
 
-* ``state``: the whole :class:`vgrad.train.TrainState` (step, params,
+* ``state``: the whole :class:`vgrad.steps.TrainState` (step, params,
   batch_stats, optimizer state), saved with ``StandardSave`` and restored with
   ``StandardRestore`` onto an abstract target built from the current state, so
   dtypes, shapes and shardings come back exactly (also for seed-stacked states
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
 import re
 import warnings
@@ -39,7 +41,9 @@ import numpy as np
 from vgrad.config import ModelConfig, TrainConfig
 
 CHECKPOINT_SUBDIR = "checkpoints"
-FORMAT_VERSION = 1
+# 2: optimiser hyperparameters live in the optimiser state (optax.inject_hyperparams),
+# runs of a group are stacked, and metadata records each run's status.
+FORMAT_VERSION = 2
 # Config fields that may differ between a checkpoint and the run resuming it:
 # where the data files or the cache live does not change the data (the dataset
 # fingerprint, which is compared, does).
@@ -71,11 +75,28 @@ def committed_steps(directory: str | os.PathLike) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
 
 
+class _QuietReadOnly(logging.Filter):
+    """Drops orbax's "Given directory is read only" warning: vgrad opens
+    checkpoints read-only on purpose whenever it loads one, so it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            return not str(record.getMessage()).startswith("Given directory is read only")
+        except Exception:  # a malformed record is not ours to judge
+            return True
+
+
+_QUIET = _QuietReadOnly()
+
+
 def _ocp():
     # Imported lazily: orbax takes over a second to import and most uses of
     # vgrad (analysis, notebooks) never checkpoint.
     import orbax.checkpoint as ocp
 
+    absl_logger = logging.getLogger("absl")
+    if _QUIET not in absl_logger.filters:
+        absl_logger.addFilter(_QUIET)
     return ocp
 
 
@@ -84,7 +105,7 @@ class RunCheckpointer:
 
     keep: how many of the most recent checkpoints to keep (older ones are deleted).
     save_every: recorded as orbax's ``save_interval_steps``; :meth:`save` always
-        saves the step it is given (the caller, :func:`vgrad.train.fit`, decides
+        saves the step it is given (the caller, :func:`vgrad.loop.fit`, decides
         when: every ``save_every`` steps, every epoch end, the end of the run, and
         on an interrupt).
     async_save: write in a background thread. The arrays are copied to host
@@ -120,7 +141,13 @@ class RunCheckpointer:
         """The JSON metadata of checkpoint ``step`` (default: the latest)."""
         ocp = _ocp()
         step = self._step(step)
-        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+        meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+        if meta.get("format", 1) != FORMAT_VERSION:
+            raise ValueError(
+                f"the checkpoint at step {step} in {self.directory} has format {meta.get('format', 1)}, "
+                f"written by another vgrad version; this version reads format {FORMAT_VERSION} "
+                "(its optimiser state is laid out differently): start the run again")
+        return meta
 
     # -- save / restore ----------------------------------------------------------
 
@@ -230,6 +257,36 @@ def check_compatible(saved: Mapping, current: Mapping, *, where: str | os.PathLi
             f"config (see config.json in the run directory) or start a new run.")
 
 
+def check_resumable(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> list[int]:
+    """Check, before anything is written, that ``run_dir`` can be resumed with ``config``.
+
+    Raises ``CheckpointNotFoundError`` (a ValueError) when ``run_dir`` holds no
+    complete checkpoint, and ``ValueError`` naming every differing field when
+    the newest readable checkpoint was written by another config. Only the
+    top-level keys of ``config`` that the checkpoint also stores are compared
+    (e.g. "model", "train", "seeds", "data", "dataset"), so a caller may pass
+    the parts it knows. Returns the committed steps.
+    """
+    ckpt_dir = checkpoint_dir(run_dir)
+    steps = committed_steps(ckpt_dir)
+    if not steps:
+        raise CheckpointNotFoundError(
+            f"cannot resume: no checkpoint in {ckpt_dir} (the run stopped before its first "
+            "checkpoint, or the run id is wrong); start the run again without --resume")
+    current = normalize_config(dict(config))
+    with RunCheckpointer(ckpt_dir, read_only=True) as ckpt:
+        for step in reversed(steps):
+            try:
+                saved = ckpt.read_meta(step).get("config", {})
+            except Exception:  # damaged metadata: the loop falls back to an older checkpoint
+                continue
+            shared = [k for k in current if k in saved]
+            check_compatible({k: saved[k] for k in shared}, {k: current[k] for k in shared},
+                             where=ckpt_dir)
+            break
+    return steps
+
+
 def dataset_fingerprint(dataset: Any) -> dict:
     """Name, sizes, shapes and a content hash of a dataset (for resume checks)."""
     import hashlib
@@ -290,7 +347,7 @@ def resolve(path: str | os.PathLike) -> tuple[Path, int | None]:
 
 
 def load_checkpoint(path: str | os.PathLike, *, step: int | None = None) -> Checkpoint:
-    """Load a checkpoint written by :func:`vgrad.train.fit` into host/default-device arrays.
+    """Load a checkpoint written by :func:`vgrad.loop.fit` into host/default-device arrays.
 
     path: a run directory, its ``checkpoints/`` directory or a ``checkpoints/<step>``
         directory. step: which checkpoint (default: the one named by ``path``,
@@ -303,14 +360,15 @@ def load_checkpoint(path: str | os.PathLike, *, step: int | None = None) -> Chec
     import jax
 
     from vgrad.models import build
-    from vgrad.train import create_state
+    from vgrad.steps import create_state
 
     directory, path_step = resolve(path)
     step = path_step if step is None else step
     with RunCheckpointer(directory, read_only=True) as ckpt:
         meta = ckpt.read_meta(step)
         config = meta["config"]
-        model_cfg, train_cfg = ModelConfig(**config["model"]), TrainConfig(**config["train"])
+        model_cfg = stored_config(ModelConfig, config["model"], where=directory, field="model")
+        train_cfg = stored_config(TrainConfig, config["train"], where=directory, field="train")
         seeds = list(meta.get("seeds", [train_cfg.seed]))
         ds = config["dataset"]
         example = jax.ShapeDtypeStruct((train_cfg.batch_size, *ds["input_shape"]),
@@ -364,10 +422,48 @@ def restore_model_config(path: str | os.PathLike, *, step: int | None = None) ->
     directory, path_step = resolve(path)
     with RunCheckpointer(directory, read_only=True) as ckpt:
         meta = ckpt.read_meta(path_step if step is None else step)
-    return ModelConfig(**meta["config"]["model"])
+    return stored_config(ModelConfig, meta["config"]["model"], where=directory, field="model")
+
+
+_NONFINITE_STRINGS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "infinity": math.inf,
+                      "-infinity": -math.inf}
+
+
+def stored_config(cls: type, stored: Mapping[str, Any], *, where: Any = "",
+                  field: str = "config") -> Any:
+    """The config ``cls`` (ModelConfig, TrainConfig, ...) from its stored JSON.
+
+    JSON turns tuples into lists and non-finite floats into the strings "nan"
+    and "inf" (see :func:`vgrad.io.to_jsonable`); both are turned back. Fields
+    this version does not know are an error naming them, and fields it added
+    since take their defaults. A stored value that no longer validates gives
+    one ValueError naming the checkpoint and the field.
+    """
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(stored) - set(known))
+    if unknown:
+        raise ValueError(f"checkpoint {where}: its {field} config has field(s) this version of "
+                         f"vgrad does not know: {', '.join(unknown)} (written by a newer vgrad?)")
+
+    def decode(name: str, value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(decode(name, v) for v in value)
+        if isinstance(value, str) and value.lower() in _NONFINITE_STRINGS \
+                and "float" in str(known[name].type):
+            return _NONFINITE_STRINGS[value.lower()]
+        return value
+
+    try:
+        return cls(**{k: decode(k, v) for k, v in stored.items()})
+    except ValueError as err:
+        raise ValueError(f"checkpoint {where}: its stored {field} config no longer validates: "
+                         f"{err}") from err
 
 
 def warn_fallback(step: int, err: BaseException, directory: Path) -> None:
+    """Warn (one line) that checkpoint ``step`` could not be restored and an older one is tried."""
+    from vgrad.io import describe_error
+
     warnings.warn(f"could not restore checkpoint step {step} in {directory} "
-                  f"({type(err).__name__}: {err}); trying the previous checkpoint",
+                  f"({describe_error(err, limit=240)}); trying the previous checkpoint",
                   RuntimeWarning, stacklevel=3)

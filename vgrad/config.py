@@ -9,6 +9,7 @@ Aliases ("xavier", "kaiming") are resolved to their canonical names so that
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 ARCHS = ("mlp", "conv")
@@ -23,15 +24,36 @@ INITS = (
 INIT_ALIASES = {"xavier": "glorot_uniform", "kaiming": "he_normal"}
 NORMS = ("none", "batch", "layer")
 RESIDUAL_SCALES = ("inv_sqrt_depth", "learnable_zero")
+RESIDUAL_FORMS = ("preact", "postact", "branch_act")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 CLIPS = ("none", "global_norm", "value", "agc")
 ON_NONFINITE = ("stop", "skip")
 DATASETS = ("mnist1d", "digits", "synthetic", "mnist", "fashion_mnist")
+# Seeds become jax.random.key(seed), which takes a signed 64-bit integer.
+# jax.random.key keeps only the low 32 bits of a seed (without x64): seeds 2**32
+# apart would give the same key, so larger seeds are refused.
+MAX_SEED = 2**32 - 1
+
+
+class ConfigError(ValueError):
+    """An invalid config value. A ValueError whose message names the field, the
+    value and what is allowed; ``field`` and ``value`` say which (so that the
+    command line can name the flag, e.g. ``--model.activation``)."""
+
+    def __init__(self, field: str, value: Any, message: str):
+        super().__init__(message)
+        self.field, self.value = field, value
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"invalid {field}={value!r}: {allowed}")
+    raise ConfigError(field, value, f"invalid {field}={value!r}: {allowed}")
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): NaN and +-inf are never valid config values."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -40,21 +62,46 @@ def _choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _at_least(field: str, value: Any, minimum: float, *, integer: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
-        _fail(field, value, f"must be {'an integer' if integer else 'a number'} >= {minimum}")
+    if integer:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    else:
+        ok = _is_number(value) and value >= minimum
+    if not ok:
+        _fail(field, value, f"must be {'an integer' if integer else 'a finite number'} >= {minimum}")
+
+
+def _seed(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        _fail(field, value, "must be an integer >= 0 and <= 2**32 - 1 (a JAX PRNG seed)")
 
 
 def _positive(field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        _fail(field, value, "must be a number > 0")
+    if not (_is_number(value) and value > 0):
+        _fail(field, value, "must be a finite number > 0")
 
 
 def _in_unit_interval(field: str, value: Any, *, closed_low: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (0 <= value < 1 if closed_low else 0 < value < 1)
+    ok = _is_number(value) and (0 <= value < 1 if closed_low else 0 < value < 1)
     if not ok:
-        _fail(field, value, "must be in [0, 1)" if closed_low else "must be in (0, 1)")
+        _fail(field, value, "must be a finite number in [0, 1)" if closed_low
+              else "must be a finite number in (0, 1)")
+
+
+def _finite_floats(cfg: Any) -> None:
+    """Every float-valued field of ``cfg`` (also inside tuples, e.g. data options)
+    is finite: a NaN or an infinity is rejected whatever the field, including
+    fields whose own check would let it through."""
+    def bad(value: Any) -> bool:
+        if isinstance(value, float):
+            return not math.isfinite(value)
+        if isinstance(value, (tuple, list)):
+            return any(bad(v) for v in value)
+        return False
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if bad(value):
+            _fail(f.name, value, "must be finite (NaN and infinity are not allowed)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +120,22 @@ class ModelConfig:
         the mean-field parameterisation. Biases are N(0, bias_var) (0 by default).
     norm: "none", "batch" (BatchNorm after each Dense) or "layer" (a comparison point).
     bn_momentum / bn_epsilon: running average r <- m r + (1 - m) batch_stat; eps in the variance.
-    residual: blocks compute h + alpha * F(h), F = two Dense -> [norm] -> activation layers.
+    residual: blocks are residual, in the form ``residual_form``, with branch scale alpha.
     residual_scale: alpha = a number (1.0), "inv_sqrt_depth" (1/sqrt(L)) or
         "learnable_zero" (a learnable scalar per block initialised at 0).
+    residual_form: which residual block (only read when ``residual`` is true):
+        "preact" (default): h + alpha * F(h), F = [norm] -> activation -> Dense ->
+            [norm] -> activation -> Dense, the pre-activation block of He et al.
+            2016 ("Identity Mappings in Deep Residual Networks"): the identity path
+            is untouched and the branch ends in a linear layer, so it adds a
+            zero-mean term at init. The stem is then Dense -> [norm] without an
+            activation (the blocks start with one), as in that paper's networks.
+        "postact": activation(h + alpha * F(h)), F = Dense -> [norm] -> activation
+            -> Dense -> [norm], the original ResNet block (He et al. 2015).
+        "branch_act": h + alpha * F(h), F = two Dense -> [norm] -> activation
+            layers. Non-standard (vgrad's block before the two forms above): with
+            an activation of non-zero mean (relu, sigmoid, gelu, ...) every branch
+            adds a positive mean and the stream grows along one common direction.
     kernel_size: conv kernel size (conv arch only).
     """
 
@@ -94,6 +154,7 @@ class ModelConfig:
     bn_epsilon: float = 1e-5
     residual: bool = False
     residual_scale: float | str = 1.0
+    residual_form: str = "preact"
     kernel_size: int = 5
 
     def __post_init__(self) -> None:
@@ -121,11 +182,15 @@ class ModelConfig:
                 pass
             object.__setattr__(self, "residual_scale", scale)
         if isinstance(scale, str):
-            _choice("residual_scale", scale, RESIDUAL_SCALES)
-        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+            if scale not in RESIDUAL_SCALES:
+                _fail("residual_scale", scale, "must be a finite number >= 0 or one of "
+                      + ", ".join(RESIDUAL_SCALES))
+        elif not _is_number(scale) or scale < 0:
             _fail("residual_scale", scale,
-                  "must be a number >= 0, 'inv_sqrt_depth' or 'learnable_zero'")
+                  "must be a finite number >= 0, 'inv_sqrt_depth' or 'learnable_zero'")
+        _choice("residual_form", self.residual_form, RESIDUAL_FORMS)
         _at_least("kernel_size", self.kernel_size, 1, integer=True)
+        _finite_floats(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,9 +239,10 @@ class TrainConfig:
         _choice("clip", self.clip, CLIPS)
         _positive("clip_value", self.clip_value)
         _at_least("weight_decay", self.weight_decay, 0)
-        _at_least("seed", self.seed, 0, integer=True)
+        _seed("seed", self.seed)
         _at_least("eval_every", self.eval_every, 0, integer=True)
         _choice("on_nonfinite", self.on_nonfinite, ON_NONFINITE)
+        _finite_floats(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +267,19 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("name", self.name, DATASETS)
-        _at_least("seed", self.seed, 0, integer=True)
+        _seed("seed", self.seed)
+        _finite_floats(self)
+
+
+# ModelConfig fields read only by ``init``, and the fixed values that
+# :func:`without_init` sets them to: two models equal up to these compute the
+# same function of their variables (they share compiled programs).
+MODEL_INIT_FIELDS = {"init": "normal", "init_std": 1.0, "weight_var": 1.0, "bias_var": 0.0}
+
+
+def without_init(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with :data:`MODEL_INIT_FIELDS` set to fixed values."""
+    return dataclasses.replace(cfg, **MODEL_INIT_FIELDS)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -156,8 +156,9 @@ def load(
         canonical splits so results are comparable across training seeds.
       standardize: per-feature (x - mean) / std using *train* statistics only,
         applied to both splits.
-      **options: dataset-specific options (only "synthetic" has any, see
-        `_load_synthetic`); an unknown option raises ValueError.
+      **options: dataset-specific options: "mnist1d" takes num_samples (see
+        `_load_mnist1d`), "synthetic" several (see `_load_synthetic`); an unknown
+        option raises ValueError.
     """
     if name not in _LOADERS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
@@ -271,8 +272,8 @@ def _generate_mnist1d(args: Any) -> dict[str, np.ndarray]:
 
 
 def _read_mnist1d_cache(path: str) -> Dataset:
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    arrays = _read_npz(path)
+    _check_file_arrays(arrays, dict.fromkeys(arrays, path), num_classes=10)
     ds = _make("mnist1d", num_classes=10, **arrays).validate()
     if len(ds.input_shape) != 1:
         raise ValueError(f"expected 2-D x arrays, got input shape {ds.input_shape}")
@@ -290,7 +291,9 @@ def _write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache should be shareable
+        from vgrad.io import default_file_mode
+
+        os.chmod(tmp, default_file_mode())  # mkstemp creates 0600; respect the umask instead
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -299,9 +302,18 @@ def _write_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _load_mnist1d(*, name, path, cache_dir, seed, options) -> Dataset:
+    """MNIST-1D from the package's own generator: its default 5000 samples (4000
+    train / 1000 test), or ``num_samples`` (the same 80/20 split; the first
+    samples differ from the default set's, the generator draws them in another
+    order). More samples are what lets deep MLPs generalise on MNIST-1D."""
     del path, seed  # fixed dataset: the package's default args pin its seed (42)
-    _check_options(name, options, ())
+    _check_options(name, options, ("num_samples",))
     args = _mnist1d_args()
+    if "num_samples" in options:
+        num = options["num_samples"]
+        if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 10:
+            raise ValueError(f"invalid data.options num_samples={num!r}: must be an integer >= 10")
+        args.num_samples = int(num)
     cache_path = _mnist1d_cache_path(_cache_dir(cache_dir), args)
     if os.path.exists(cache_path):
         try:
@@ -390,8 +402,9 @@ def _load_synthetic(*, name, path, cache_dir, seed, options) -> Dataset:
         if not isinstance(o[key], (int, np.integer)) or isinstance(o[key], bool) or o[key] < 1:
             raise ValueError(f"synthetic: option {key!r} must be a positive integer, got {o[key]!r}")
     dim, c, n_train, n_test = (int(o[k]) for k in ("dim", "num_classes", "num_train", "num_test"))
-    if float(o["noise"]) < 0:
-        raise ValueError(f"synthetic: option 'noise' must be >= 0, got {o['noise']!r}")
+    noise_ok = isinstance(o["noise"], (int, float, np.number)) and not isinstance(o["noise"], bool)
+    if not noise_ok or not np.isfinite(float(o["noise"])) or float(o["noise"]) < 0:
+        raise ValueError(f"synthetic: option 'noise' must be a finite number >= 0, got {o['noise']!r}")
 
     model_rng, train_rng, test_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
@@ -504,7 +517,8 @@ def _find_idx(directory: str, base: str) -> str:
     )
 
 
-def _read_idx_dir(directory: str) -> dict[str, np.ndarray]:
+def _read_idx_dir(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The four IDX arrays of a directory, and the file each came from."""
     arrays, sources = {}, {}
     for key, base in _IDX_FILES.items():
         p = _find_idx(directory, base)
@@ -513,33 +527,99 @@ def _read_idx_dir(directory: str) -> dict[str, np.ndarray]:
         if a.ndim != want:
             raise ValueError(f"{p}: expected a {want}-D IDX array for {key}, got shape {a.shape}")
         arrays[key], sources[key] = a, p
-    for split in ("train", "test"):
-        nx, ny = len(arrays[f"x_{split}"]), len(arrays[f"y_{split}"])
-        if nx != ny:
-            raise ValueError(
-                f"{sources[f'x_{split}']} has {nx} images but "
-                f"{sources[f'y_{split}']} has {ny} labels"
-            )
-    return arrays
+    return arrays, sources
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """x_train, y_train, x_test, y_test of an .npz (never unpickling anything).
+
+    Every failure is one ValueError naming the file and, where it is about one
+    array, the array.
+    """
     try:
-        with np.load(path, allow_pickle=False) as f:
-            found = list(f.files)
-            arrays = {k: f[k] for k in _SPLIT_KEYS if k in found}
-    except Exception as e:  # not a zip, truncated, pickled objects, ...
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:  # not a zip, truncated, ...
         raise ValueError(f"{path}: cannot read npz ({type(e).__name__}: {e})") from e
-    missing = [k for k in _SPLIT_KEYS if k not in arrays]
-    if missing:
-        raise ValueError(
-            f"{path}: npz is missing key(s) {', '.join(missing)}; "
-            f"expected {', '.join(_SPLIT_KEYS)}, found {', '.join(found) or 'none'}"
-        )
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not an npz archive (np.load read a single array of shape "
+                         f"{np.shape(f)}); expected an .npz with keys {', '.join(_SPLIT_KEYS)}")
+    with f:
+        found = list(f.files)
+        missing = [k for k in _SPLIT_KEYS if k not in found]
+        if missing:
+            raise ValueError(
+                f"{path}: npz is missing key(s) {', '.join(missing)}; "
+                f"expected {', '.join(_SPLIT_KEYS)}, found {', '.join(found) or 'none'}"
+            )
+        arrays = {}
+        for k in _SPLIT_KEYS:
+            try:
+                arrays[k] = f[k]
+            except ValueError as e:
+                if "allow_pickle" in str(e):  # an object array: only loadable by unpickling
+                    raise ValueError(
+                        f"{path}: {k} holds Python objects (dtype object), not numbers; save it "
+                        "as a numeric array, e.g. np.asarray(values, np.float32)") from e
+                raise ValueError(f"{path}: cannot read {k} ({type(e).__name__}: {e})") from e
+            except Exception as e:  # truncated member, bad CRC, ...
+                raise ValueError(f"{path}: cannot read {k} ({type(e).__name__}: {e})") from e
     for k in ("y_train", "y_test"):
-        if not np.issubdtype(arrays[k].dtype, np.integer):
+        if arrays[k].dtype.kind == "f":
             raise ValueError(f"{path}: {k} must hold integer labels, got dtype {arrays[k].dtype}")
     return arrays
+
+
+_DTYPE_KINDS = {"b": "booleans", "c": "complex numbers", "O": "Python objects", "U": "strings",
+                "S": "bytes", "V": "raw records", "M": "datetimes", "m": "timedeltas"}
+
+
+def _check_file_arrays(arrays: dict[str, np.ndarray], sources: dict[str, str],
+                       num_classes: int) -> None:
+    """Check arrays read from files before anything converts them; every problem is
+    one ValueError naming the file, the array and what is wrong.
+
+    Checked: numeric dtype, at least 1-D, non-empty, labels 1-D integers in
+    [0, num_classes) (on the stored values: casting to int32 first would wrap
+    large labels into range), finite inputs, as many labels as inputs, and the
+    same input shape in both splits.
+    """
+    for key in _SPLIT_KEYS:
+        a, where = arrays[key], f"{sources[key]}: {key}"
+        if a.dtype.kind not in "iuf":
+            raise ValueError(f"{where} must hold numbers (integers or floats), got dtype {a.dtype} "
+                             f"({_DTYPE_KINDS.get(a.dtype.kind, 'not numbers')})")
+        if a.ndim == 0:
+            raise ValueError(f"{where} is a 0-d array (the single value {a.item()!r}); expected "
+                             "one entry per example, shape (N, ...)")
+        if a.shape[0] == 0:
+            raise ValueError(f"{where} is empty (shape {a.shape}); every split needs at least "
+                             "one example")
+        if key.startswith("y"):
+            if a.ndim != 1:
+                raise ValueError(f"{where} must be 1-D (one label per example), got shape {a.shape}")
+            if a.dtype.kind == "f":
+                raise ValueError(f"{where} must hold integer labels, got dtype {a.dtype}")
+            out = (a < 0) | (a >= num_classes)
+            if out.any():
+                raise ValueError(f"{where} has {int(out.sum())} label(s) outside "
+                                 f"[0, {num_classes}), e.g. {int(a[out][0])} "
+                                 f"(num_classes={num_classes})")
+        elif a.dtype.kind == "f":
+            bad = ~np.isfinite(a)
+            if bad.any():
+                n_nan = int(np.isnan(a).sum())
+                raise ValueError(f"{where} contains non-finite values: {n_nan} NaN, "
+                                 f"{int(bad.sum()) - n_nan} Inf")
+    for split in ("train", "test"):
+        x, y = f"x_{split}", f"y_{split}"
+        if len(arrays[x]) != len(arrays[y]):
+            raise ValueError(f"{sources[x]}: {x} has {len(arrays[x])} examples but "
+                             f"{sources[y]}: {y} has {len(arrays[y])} labels")
+    shapes = [np.prod(arrays[x].shape[1:], dtype=np.int64) for x in ("x_train", "x_test")]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"{sources['x_test']}: x_test has examples of shape "
+                         f"{arrays['x_test'].shape[1:]} but {sources['x_train']}: x_train has "
+                         f"{arrays['x_train'].shape[1:]}")
 
 
 def _to_unit_float(x: np.ndarray) -> np.ndarray:
@@ -562,11 +642,12 @@ def _load_mnist_files(*, name, path, cache_dir, seed, options) -> Dataset:
         )
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if os.path.isdir(path):
-        arrays = _read_idx_dir(path)
+        arrays, sources = _read_idx_dir(path)
     elif os.path.isfile(path):
-        arrays = _read_npz(path)
+        arrays, sources = _read_npz(path), dict.fromkeys(_SPLIT_KEYS, path)
     else:
         raise FileNotFoundError(f"dataset {name!r}: path does not exist: {path}")
+    _check_file_arrays(arrays, sources, num_classes=10)
     return _make(
         name,
         _to_unit_float(arrays["x_train"]),

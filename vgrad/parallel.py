@@ -19,11 +19,13 @@ vgrad uses JAX's own SPMD sharding, not a hand-written scheme: arrays carry a
   :func:`place_batch` build global arrays from the (identical) host copies that
   every process computes, each process supplying only its own shards.
 
-Typical use (what ``fit(mesh=...)`` does)::
+This module only says where arrays live; the steps that use it are
+``vgrad.steps.init_state`` / ``vgrad.steps.make_train_step(..., mesh=mesh)``
+and the loop of ``vgrad.loop``. Typical use::
 
     mesh = parallel.data_mesh()
-    state = parallel.init_state(model, train_cfg, x_example, seeds=8, mesh=mesh)
-    step = parallel.make_step(model, train_cfg, seeds=8, mesh=mesh)
+    state = train.init_state(model, train_cfg, x_example, seeds=8, mesh=mesh)
+    step = train.make_train_step(model, train_cfg, seeds=8, mesh=mesh)
     state, metrics = step(state, parallel.place_batch(batch_NxBx..., mesh, seeds=8))
 """
 
@@ -119,48 +121,3 @@ def place_state(state: Any, mesh: Mesh, seeds: int = 1) -> Any:
 def place_batch(batch: Any, mesh: Mesh, seeds: int = 1) -> Any:
     """Put a batch dict on the mesh (see :func:`batch_sharding`)."""
     return _put(batch, batch_sharding(mesh, seeds))
-
-
-def init_state(model: Any, train_cfg: Any, example_x: Any, *, seeds: int = 1,
-               mesh: Mesh | None = None, total_steps: int | None = None) -> Any:
-    """A fresh TrainState, seed-stacked along axis 0 when ``seeds > 1``.
-
-    Seed i is initialised from ``jax.random.key(train_cfg.seed + i)``, as in
-    ``vgrad.train.fit``. Creation is jitted; with a ``mesh`` the state is
-    created directly with its sharding (no host round trip, multi-host safe).
-    ``example_x``: one batch of inputs, (B, ...), only its shape matters.
-    """
-    from vgrad.train import create_state, seed_keys
-
-    def init(key: jax.Array) -> Any:
-        return create_state(model, train_cfg, key, example_x, total_steps=total_steps)
-
-    fn = jax.vmap(init) if seeds > 1 else init
-    keys = seed_keys(train_cfg, seeds) if seeds > 1 else jax.random.key(train_cfg.seed)
-    out_shardings = state_sharding(mesh, seeds) if mesh is not None else None
-    return jax.jit(fn, out_shardings=out_shardings)(keys)
-
-
-def make_step(model: Any, train_cfg: Any, *, seeds: int = 1, mesh: Mesh | None = None,
-              total_steps: int | None = None, donate: bool = True):
-    """Jitted ``step(state, batch) -> (state, metrics)``: vmapped over a
-    seed-stacked state when ``seeds > 1``; with a ``mesh``, partitioned over its
-    devices (state and batch shardings as in :func:`state_sharding` /
-    :func:`batch_sharding`; the outputs keep the state's sharding so steps
-    chain without resharding). The state is donated unless ``donate=False``.
-
-    Batches: (B, ...) for one seed, (N, B, ...) (each seed its own batch) for N.
-    """
-    from vgrad.train import train_step_fn
-
-    step_fn = train_step_fn(model, train_cfg, total_steps=total_steps)
-    if seeds > 1:
-        step_fn = jax.vmap(step_fn)
-    kwargs: dict[str, Any] = {"donate_argnums": 0} if donate else {}
-    if mesh is not None:
-        state_sh = state_sharding(mesh, seeds)
-        # Per-seed metrics follow the seeds; scalar metrics of one seed are replicated.
-        metrics_sh = state_sh if seed_axis_sharded(mesh, seeds) else replicated(mesh)
-        kwargs.update(in_shardings=(state_sh, batch_sharding(mesh, seeds)),
-                      out_shardings=(state_sh, metrics_sh))
-    return jax.jit(step_fn, **kwargs)

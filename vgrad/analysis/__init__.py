@@ -1,5 +1,11 @@
 """Gradient analysis: Jacobian products, gradient flow, mean-field theory.
 
+Every function takes a model of the analysis protocol documented in
+``vgrad.models.AnalysisModel`` (``depth``, ``hidden_states``, ``block_fn``; plus
+``apply`` and ``head_fn`` for gradient flow): ``vgrad.models.build(cfg)``,
+``vgrad.models.layered(stem, block, head, depth)``, ``vgrad.models.from_linen``
+or ``vgrad.models.from_nnx``. No ``ModelConfig`` is needed.
+
 - ``jacobian_products(model, variables, x, *, train, key, num_probes=8)`` ->
   ``JacobianReport``: log mean squared singular values of every block Jacobian
   J_l and every product P_l = dh^L/dh^l, matrix-free, in one backward pass.

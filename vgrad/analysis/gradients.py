@@ -10,6 +10,13 @@ Attribution: ``identity_blocks`` / ``identity_sublayers`` are handed to
 pass (forward values unchanged). Comparing reports with and without them shows
 which layers make the gradient vanish or explode; e.g.
 ``identity_sublayers=("norm",)`` removes every BatchNorm Jacobian.
+
+Models: any model of the analysis protocol (``vgrad.models.AnalysisModel``) with
+``apply`` and ``head_fn``. vgrad's own models (``vgrad.models.build``) also
+have sub-layers the analysis can see: ``identity_sublayers`` attribution and
+activation statistics of every layer inside a block. For other models the
+statistics are over the hidden states h^l themselves, and saturated / dead
+fractions need the model's ``activation`` name.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from vgrad.analysis.jacobians import _MODELS, _cache_key, _canonical_model
+from vgrad.analysis.jacobians import _cache_key, _canonical_model, _model_for
 from vgrad.io import to_jsonable
 from vgrad.models.activations import RECTIFIED
 from vgrad.models.blocks import SUBLAYER_KINDS, Block, Layer, Network
-from vgrad.train import block_norms, part_norms
+from vgrad.models.layered import GRADIENT_FLOW_ATTRIBUTES, check_protocol, identity_mask
+from vgrad.models.model import LayeredModel
+from vgrad.steps import block_norms, part_norms
 
 # A saturating unit counts as saturated when its derivative is below this
 # fraction of the activation's maximal derivative (which is at 0 for all of
@@ -53,7 +62,8 @@ class GradientReport:
     Activation statistics, (L+1,) each, index 0 = the stem layer, index l = the
     layer(s) of block l (both branch layers of a residual block, pooled). They
     are over the post-activation unit values a = phi(z) of those layers (for
-    plain blocks a = h^l), all examples and units:
+    plain blocks a = h^l), all examples and units; for models other than
+    vgrad's own, over the hidden states a = h^l, with phi = ``model.activation``:
       activation_mean, activation_std: mean and std of a.
       saturated_fraction: fraction of units with phi'(z) < SATURATION_THRESHOLD *
         max phi', for SATURATING activations (sigmoid, tanh, hard_tanh,
@@ -137,6 +147,26 @@ def _activation_stats(name: str, acts: jax.Array) -> tuple[jax.Array, ...]:
     return mean, std, saturated.astype(acts.dtype), jnp.asarray(dead, acts.dtype)
 
 
+# What vgrad's own models (LayeredModel) provide beyond the protocol: a config
+# with the activation name, sub-layers for attribution and statistics, and the
+# head reached through the Flax network (they have no head_fn).
+
+
+def _is_own_model(model: Any) -> bool:
+    return isinstance(model, LayeredModel)
+
+
+def _activation_name(model: Any) -> str | None:
+    """The activation whose statistics are reported (None: mean and std only)."""
+    if _is_own_model(model):
+        return model.cfg.activation
+    return getattr(model, "activation", None)
+
+
+def _supports_identity_sublayers(model: Any) -> bool:
+    return bool(getattr(model, "supports_identity_sublayers", _is_own_model(model)))
+
+
 def _stem_perturbed_apply(model: Any, variables: dict, x: jax.Array, eps: jax.Array, *,
                           train: bool, identity_blocks, identity_sublayers):
     """``model.apply`` with ``eps`` added to the stem output h^0 (so the gradient
@@ -156,14 +186,18 @@ def _stem_perturbed_apply(model: Any, variables: dict, x: jax.Array, eps: jax.Ar
 
 @functools.lru_cache(maxsize=64)
 def _gradient_flow_fn(key: Any, train: bool, identity_sublayers: tuple[str, ...]):
-    model = _MODELS[key]
+    model = _model_for(key)
     L = model.depth
-    act_name = model.cfg.activation
+    act_name = _activation_name(model)
+    own = _is_own_model(model)
 
     def run(variables, x, y, mask):
         hs = model.hidden_states(variables, x, train=train)
 
         def top_loss(eps):
+            if not own:  # the protocol's head: dLoss/dh^L directly
+                logits = model.head_fn(variables, train=train)(hs[L] + eps)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             # dLoss/dh^L of the real model (its own head and pooling): with every
             # block's backward replaced by the identity, dLoss/dh^0 = dLoss/dh^L,
             # and the forward pass is unchanged.
@@ -173,8 +207,11 @@ def _gradient_flow_fn(key: Any, train: bool, identity_sublayers: tuple[str, ...]
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         def attributed_loss(params):
+            # identity_sublayers is () for models without sub-layers (checked
+            # by gradient_flow), and the protocol's apply does not take it.
+            extra = {"identity_sublayers": identity_sublayers} if identity_sublayers else {}
             logits, _ = model.apply({**variables, "params": params}, x, train=train,
-                                    identity_blocks=mask, identity_sublayers=identity_sublayers)
+                                    identity_blocks=mask, **extra)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         loss, grads = jax.value_and_grad(attributed_loss)(variables["params"])
@@ -182,8 +219,9 @@ def _gradient_flow_fn(key: Any, train: bool, identity_sublayers: tuple[str, ...]
 
         # dLoss/dh^{l-1} = dLoss/dh^l J_l (or = dLoss/dh^l where block l is attributed).
         def back(g, l):
-            _, vjp = jax.vjp(_block_apply(model, variables, l, train, identity_sublayers),
-                             hs[l - 1])
+            block = (_block_apply(model, variables, l, train, identity_sublayers) if own
+                     else model.block_fn(variables, l, train=train))
+            _, vjp = jax.vjp(block, hs[l - 1])
             g_prev = jnp.where(mask[l - 1], g, vjp(g)[0])
             return g_prev, jnp.sqrt(jnp.sum(g_prev**2))
 
@@ -198,12 +236,45 @@ def _gradient_flow_fn(key: Any, train: bool, identity_sublayers: tuple[str, ...]
             _, acts = _block_apply(model, variables, l, train, (), capture=True)(hs[l - 1])
             return _activation_stats(act_name, jnp.stack(acts))
 
-        stats = jax.lax.map(block_stats, jnp.arange(1, L + 1))
-        stem_stats = _activation_stats(act_name, hs[0])
-        stats = tuple(jnp.concatenate([s0[None], s]) for s0, s in zip(stem_stats, stats))
+        if own:
+            stats = jax.lax.map(block_stats, jnp.arange(1, L + 1))
+            stem_stats = _activation_stats(act_name, hs[0])
+            stats = tuple(jnp.concatenate([s0[None], s]) for s0, s in zip(stem_stats, stats))
+        else:  # no sub-layers to look into: the hidden states h^0 .. h^L
+            stats = jax.vmap(lambda h: _activation_stats(act_name, h))(hs)
         return loss, weight, hidden, stem, head, stats
 
     return jax.jit(run)
+
+
+def _num_classes(model: Any, variables: dict, x: jax.Array, train: bool) -> int | None:
+    """The model's number of classes: its config's, else the width of its logits."""
+    num = getattr(getattr(model, "cfg", None), "num_classes", None)
+    if num is not None:
+        return int(num)
+    try:
+        logits = jax.eval_shape(lambda v, xs: model.apply(v, xs, train=train)[0], variables, x)
+        return int(logits.shape[-1])
+    except Exception:  # not knowable without running the model: the loss check still applies
+        return None
+
+
+def _check_labels(model: Any, variables: dict, x: jax.Array, labels: Any, train: bool) -> None:
+    """ValueError unless ``labels`` are integer class labels in [0, num_classes), as
+    ``fit`` requires (out-of-range labels give a NaN loss but normal-looking norms).
+    Traced labels (inside jit) cannot be checked and are let through."""
+    if isinstance(labels, jax.core.Tracer):
+        return
+    y = np.asarray(labels)
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"invalid batch['y'] of dtype {y.dtype}: labels must be integer class "
+                         "indices (e.g. np.int32), not floats, booleans or strings")
+    num_classes = _num_classes(model, variables, x, train)
+    bad = (y < 0) | (y >= num_classes) if num_classes is not None else (y < 0)
+    if bad.any():
+        where = f"[0, {num_classes})" if num_classes is not None else "[0, num_classes)"
+        raise ValueError(f"invalid batch['y']: {int(bad.sum())} label(s) outside {where}, e.g. "
+                         f"{int(y[bad][0])} (the model has {num_classes} classes)")
 
 
 def gradient_flow(model: Any, variables: dict, batch: dict, *, train: bool = True,
@@ -212,29 +283,41 @@ def gradient_flow(model: Any, variables: dict, batch: dict, *, train: bool = Tru
     """Per-block gradient norms and activation statistics of the real loss on ``batch``.
 
     Args:
-      model, variables: a layered model and its ``{"params", "batch_stats"}``.
-      batch: ``{"x": (B, ...), "y": (B,) int labels}``.
+      model, variables: a model of the analysis protocol with ``apply`` and
+        ``head_fn`` (``vgrad.models.build``, ``layered``, ``from_linen``,
+        ``from_nnx``; see ``vgrad.models.AnalysisModel``) and its variables, whose
+        ``params`` are ``{"stem", "blocks" (stacked), "head"}``.
+      batch: ``{"x": (B, ...), "y": (B,) int labels}``; labels must be integers
+        in [0, num_classes) (ValueError naming the first bad one otherwise).
       train: BatchNorm uses batch statistics (True, as in a training step) or
         running averages (False). Updated running averages are discarded.
       identity_blocks: 1-based block indices, or a bool mask (L,), whose
         Jacobian is the identity in the backward pass.
       identity_sublayers: subset of ("dense", "norm", "activation") whose
-        Jacobians are the identity in the backward pass, in every block.
+        Jacobians are the identity in the backward pass, in every block; only
+        for vgrad's own models (ValueError otherwise).
 
     Weight gradients come from ``jax.grad`` of the full model's loss. Hidden
     gradients: dLoss/dh^L from the full model, then one VJP per block down the
     stack (applying the same attribution); they equal autodiff of the full loss
-    with respect to each h^l. Jitted, cached per (config, train, sublayers).
+    with respect to each h^l. Jitted, cached per (model key, train, sublayers).
     """
     sub = tuple(sorted(set(identity_sublayers)))
     unknown = set(sub) - set(SUBLAYER_KINDS)
     if unknown:
         raise ValueError(f"invalid identity_sublayers={sorted(unknown)}: allowed values are "
                          + ", ".join(SUBLAYER_KINDS))
-    mask = np.asarray(model.identity_mask(identity_blocks))
+    check_protocol(model, () if _is_own_model(model) else GRADIENT_FLOW_ATTRIBUTES)
+    if sub and not _supports_identity_sublayers(model):
+        raise ValueError(
+            f"identity_sublayers={list(sub)} needs a model whose sub-layers the analysis can see "
+            f"(vgrad.models.build); a {type(model).__name__} supports identity_blocks only: "
+            "write a sub-layer's identity backward into your block function instead")
+    mask = np.asarray(identity_mask(model.depth, identity_blocks))
     x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
     if y.shape != x.shape[:1]:
         raise ValueError(f"batch['y'] must have shape ({x.shape[0]},), got {y.shape}")
+    _check_labels(model, variables, x, batch["y"], train)
     fn = _gradient_flow_fn(_cache_key(_canonical_model(model)), bool(train), sub)
     loss, weight, hidden, stem, head, stats = fn(variables, x, y.astype(jnp.int32),
                                                  jnp.asarray(mask))

@@ -23,6 +23,12 @@ block l. Each probe is renormalised to unit length after every block and the
 log of the factor is accumulated per probe (s_i), so the estimate
 log(mean_i exp(2 s_i)) is formed with logsumexp and never underflows; this is
 the same unbiased estimator, only computed in another floating-point domain.
+
+Models. Everything here uses only the analysis protocol documented in
+``vgrad.models.AnalysisModel`` (``depth``, ``hidden_states``, ``block_fn``), so
+vgrad's own models, ``vgrad.models.layered(...)`` models and the linen / NNX
+adapters are analysed by the same code. Jitted functions are cached per model
+key (``_cache_key``).
 """
 
 from __future__ import annotations
@@ -30,13 +36,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vgrad.config import ModelConfig, without_init
 from vgrad.io import to_jsonable
+from vgrad.models.layered import check_protocol
+from vgrad.models.model import LayeredModel
 
 # --------------------------------------------------------------------------
 # helpers
@@ -113,27 +123,88 @@ def _rel_stderr(log_values: jax.Array) -> jax.Array:
 # Config fields that only choose the initial values of the variables: the
 # functions of (variables, x) compiled here do not depend on them, so sweeping
 # initialisations reuses one compilation.
-_INIT_ONLY_FIELDS = {"init": "normal", "init_std": 1.0, "weight_var": 1.0, "bias_var": 0.0}
+
+
+class _IdentityKey:
+    """Cache key of a model without a ``cache_key``: the object itself.
+
+    Hashes by ``id`` but holds only a weak reference and compares equal only
+    while both keys refer to the same live object, so a new model that reuses
+    the ``id`` of a collected one never hits the old model's compiled
+    functions. Objects that cannot be weakly referenced are held strongly.
+    """
+
+    __slots__ = ("_ref", "_hash", "__weakref__")
+
+    def __init__(self, obj: Any):
+        try:
+            self._ref = weakref.ref(obj)
+        except TypeError:
+            self._ref = lambda obj=obj: obj
+        self._hash = id(obj)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _IdentityKey):
+            return NotImplemented
+        mine = self._ref()
+        return mine is not None and mine is other._ref()
+
+    def __repr__(self) -> str:
+        return f"_IdentityKey({self._ref()!r})"
 
 
 def _cache_key(model: Any) -> Any:
-    """Models are pure functions of their config: jit caches are keyed on it
-    (up to the init-only fields)."""
-    cfg = model.cfg
-    if dataclasses.is_dataclass(cfg) and all(hasattr(cfg, f) for f in _INIT_ONLY_FIELDS):
-        cfg = dataclasses.replace(cfg, **_INIT_ONLY_FIELDS)
-    return (type(model), cfg)
+    """The key that jit caches use for ``model``: models with equal keys compute
+    the same functions of (variables, x).
+
+    vgrad's own models: their config (up to the init-only fields). Other
+    models: ``(type, model.cache_key)`` when they define a hashable
+    ``cache_key``, else the object itself (``_IdentityKey``)."""
+    if isinstance(model, LayeredModel):
+        cfg = model.cfg
+        if isinstance(cfg, ModelConfig):
+            cfg = without_init(cfg)
+        return (type(model), cfg)
+    key = getattr(model, "cache_key", None)
+    if key is None:
+        return _IdentityKey(model)
+    try:
+        hash(key)
+    except TypeError:
+        raise TypeError(f"{type(model).__name__}.cache_key must be hashable, got "
+                        f"{type(key).__name__}") from None
+    return (type(model), key)
 
 
-_MODELS: dict[Any, Any] = {}
+# key -> the first live model seen with that key, whose functions the cached
+# closures call. Weak values: an entry goes when its model is collected (the
+# cached closures hold their model while they are cached). Models that cannot
+# be weakly referenced are kept in _STRONG_MODELS.
+_MODELS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_STRONG_MODELS: dict[Any, Any] = {}
 
 
 def _canonical_model(model: Any) -> Any:
-    """The first model seen with this config (so jitted closures can be reused)."""
-    return _MODELS.setdefault(_cache_key(model), model)
+    """The first live model seen with this model's key (so jitted closures can be reused)."""
+    check_protocol(model)
+    key = _cache_key(model)
+    try:
+        return _MODELS.setdefault(key, model)
+    except TypeError:
+        return _STRONG_MODELS.setdefault(key, model)
+
+
+def _model_for(key: Any) -> Any:
+    """The model registered for ``key`` by ``_canonical_model``."""
+    model = _MODELS.get(key)
+    return _STRONG_MODELS[key] if model is None else model
 
 
 def _check_range(model: Any, start: int, stop: int | None) -> tuple[int, int]:
+    check_protocol(model)
     L = model.depth
     stop = L if stop is None else int(stop)
     start = int(start)
@@ -190,7 +261,7 @@ class JacobianReport:
 
 @functools.lru_cache(maxsize=64)
 def _products_fn(key: Any, train: bool, num_probes: int, log_domain: bool):
-    model = _MODELS[key]
+    model = _model_for(key)
     L = model.depth
     k = num_probes
 
@@ -235,8 +306,9 @@ def jacobian_products(model: Any, variables: dict, x: jax.Array, *, train: bool,
     """Mean squared singular values of every block Jacobian J_l and every product P_l.
 
     Args:
-      model: a ``vgrad.models.LayeredModel`` (anything with ``cfg``, ``depth``,
-        ``hidden_states`` and ``block_fn``).
+      model: any model of the analysis protocol (``depth``, ``hidden_states``,
+        ``block_fn``; see ``vgrad.models.AnalysisModel``): ``vgrad.models.build(cfg)``,
+        ``vgrad.models.layered(...)``, ``from_linen``, ``from_nnx``.
       variables: ``{"params", "batch_stats"}`` of the model.
       x: input batch (B, ...). Jacobians are of the whole-batch map, n = numel(h).
       train: BatchNorm uses batch statistics (True) or running averages (False).
@@ -249,7 +321,8 @@ def jacobian_products(model: Any, variables: dict, x: jax.Array, *, train: bool,
         log scale (default). False accumulates the raw products (same estimator;
         validation only, it underflows to -inf in deep vanishing networks).
 
-    Jitted; the compiled function is cached per (model config, train, num_probes).
+    Jitted; the compiled function is cached per (model key, train, num_probes):
+    the config for vgrad's models, ``model.cache_key`` or the object otherwise.
     """
     if int(num_probes) < 1:
         raise ValueError(f"invalid num_probes={num_probes!r}: must be an integer >= 1")
@@ -281,7 +354,7 @@ def chain_fn(model: Any, variables: dict, start: int, stop: int, *, train: bool)
 
 @functools.lru_cache(maxsize=64)
 def _dense_jacobian_fn(key: Any, train: bool, start: int, stop: int):
-    model = _MODELS[key]
+    model = _model_for(key)
 
     def run(variables, x):
         hs = model.hidden_states(variables, x, train=train)
@@ -310,7 +383,7 @@ def jacobian_spectrum(model: Any, variables: dict, x: jax.Array, *, train: bool,
     raises ValueError (use ``top_singular_values``). Singular values below
     float32 resolution of the largest are not meaningful.
     """
-    n = int(np.prod(np.shape(x)[:1])) * _hidden_numel_per_example(model, x)
+    n = _hidden_numel(model, variables, x, train)
     if n > max_numel:
         raise ValueError(f"jacobian_spectrum would form a dense {n}x{n} Jacobian "
                          f"(numel(h)={n} > max_numel={max_numel}); use top_singular_values")
@@ -318,16 +391,18 @@ def jacobian_spectrum(model: Any, variables: dict, x: jax.Array, *, train: bool,
     return np.linalg.svd(np.asarray(jac, np.float64), compute_uv=False)
 
 
-def _hidden_numel_per_example(model: Any, x: Any) -> int:
-    cfg = model.cfg
-    if cfg.arch == "conv":
-        return int(np.shape(x)[1]) * cfg.width
-    return cfg.width
+def _hidden_numel(model: Any, variables: dict, x: Any, train: bool) -> int:
+    """n = numel(h) of one hidden state of the batch, from the protocol alone
+    (shapes only: ``jax.eval_shape`` of ``hidden_states``, nothing is computed)."""
+    check_protocol(model)
+    hs = jax.eval_shape(lambda v, x: model.hidden_states(v, x, train=train), variables,
+                        jnp.asarray(x))
+    return int(np.prod(hs.shape[1:]))
 
 
 @functools.lru_cache(maxsize=64)
 def _top_sv_fn(key: Any, train: bool, start: int, stop: int, p: int, k: int, num_iters: int):
-    model = _MODELS[key]
+    model = _model_for(key)
     fwd_ls = jnp.arange(start + 1, stop + 1)
     bwd_ls = jnp.arange(stop, start, -1)
 
@@ -401,7 +476,7 @@ def top_singular_values(model: Any, variables: dict, x: jax.Array, *, train: boo
     (s_{p+1}/s_i)^2 per iteration; raise ``num_iters`` for clustered spectra.
     """
     start, stop = _check_range(model, start, stop)
-    n = int(np.shape(x)[0]) * _hidden_numel_per_example(model, x)
+    n = _hidden_numel(model, variables, x, train)
     if not 1 <= int(k) <= n:
         raise ValueError(f"invalid k={k!r}: must be in [1, numel(h)={n}]")
     p = min(int(k) + max(int(oversample), 0), n)

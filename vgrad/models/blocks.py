@@ -1,8 +1,22 @@
 """Flax modules of the layered model: one layer, one block, the scanned stack.
 
-A *layer* is Dense (or Conv1D) -> [norm] -> activation. A *block* is one plain
-layer, or a residual block h + alpha * F(h) with F two layers. Blocks keep the
-hidden shape, (B, width) for mlp and (B, length, width) for conv.
+A *layer* is [Dense (or Conv1D)] -> [norm] -> [activation]. A *block* keeps the
+hidden shape, (B, width) for mlp and (B, length, width) for conv: one plain
+layer Dense -> [norm] -> activation, or a residual block in one of the
+``ModelConfig.residual_form`` forms, with branch scale alpha:
+
+  preact (default)  h + alpha * F(h),  F = [norm] -> act -> Dense -> [norm] -> act -> Dense
+  postact           act(h + alpha * F(h)),  F = Dense -> [norm] -> act -> Dense -> [norm]
+  branch_act        h + alpha * F(h),  F = (Dense -> [norm] -> act) twice   (non-standard)
+
+Parameter layout of a residual block (under ``blocks/block``, stacked over L):
+preact: ``layer_0`` (its norm and prelu slope; no Dense, so without those it
+has no entry), ``layer_1`` (Dense_0, norm) and ``branch_out`` (the branch's
+last Dense, or Conv); postact and branch_act: ``layer_0``,
+``layer_1``, each with Dense_0 and norm; plus ``residual_alpha`` when learnable.
+The modules named ``layer_*`` always return post-activation values (postact's
+``layer_1`` adds the shortcut before its activation), which is what the
+activation statistics of ``vgrad.analysis.gradient_flow`` read.
 
 Attribution support: ``identity_sublayers`` names sub-layer kinds ("dense",
 "norm", "activation") whose Jacobian with respect to their *input* is replaced
@@ -33,13 +47,31 @@ def identity_backward(f, x: jax.Array) -> jax.Array:
     return f(x_const) + (x - x_const)
 
 
+def linear_module(cfg: ModelConfig, name: str | None = None) -> nn.Module:
+    """The width-preserving linear map of ``cfg``: Dense(width) or a 'SAME' Conv1D."""
+    if cfg.arch == "conv":
+        return nn.Conv(cfg.width, (cfg.kernel_size,), padding="SAME",
+                       kernel_init=kernel_init(cfg), bias_init=bias_init(cfg), name=name)
+    return nn.Dense(cfg.width, kernel_init=kernel_init(cfg), bias_init=bias_init(cfg), name=name)
+
+
 class Layer(nn.Module):
-    """Dense/Conv1D -> [BatchNorm | LayerNorm] -> activation; features = cfg.width."""
+    """[Dense/Conv1D] -> [BatchNorm | LayerNorm] -> [+ shortcut] -> [activation].
+
+    features = cfg.width; ``linear`` / ``activate`` switch the first / last
+    step off (preact's first branch layer has no Dense, its stem no activation).
+    Called as ``layer(x)`` or, for the last layer of a post-activation block,
+    ``layer(x, shortcut=h, alpha=a)``, which computes act(h + a * norm(Dense(x))).
+    x: (B, features) for mlp or (B, length, channels) for conv; returns
+    (B, width) or (B, length, width).
+    """
 
     cfg: ModelConfig
     train: bool
     identity_sublayers: tuple[str, ...] = ()
     shape_preserving: bool = True  # False for the stem, whose input has another width
+    linear: bool = True
+    activate: bool = True
 
     def _maybe_identity(self, kind: str, f, x: jax.Array) -> jax.Array:
         if kind in self.identity_sublayers and self.shape_preserving:
@@ -47,14 +79,10 @@ class Layer(nn.Module):
         return f(x)
 
     @nn.compact
-    def __call__(self, h: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, shortcut: jax.Array | None = None,
+                 alpha: jax.Array | float = 1.0) -> jax.Array:
         cfg = self.cfg
-        if cfg.arch == "conv":
-            linear = nn.Conv(cfg.width, (cfg.kernel_size,), padding="SAME",
-                             kernel_init=kernel_init(cfg), bias_init=bias_init(cfg))
-        else:
-            linear = nn.Dense(cfg.width, kernel_init=kernel_init(cfg), bias_init=bias_init(cfg))
-        z = self._maybe_identity("dense", linear, h)
+        z = self._maybe_identity("dense", linear_module(cfg), h) if self.linear else h
         if cfg.norm == "batch":
             # Batch statistics reduce over every axis but the feature axis; under
             # jit with a sharded batch the mean is over the global batch.
@@ -63,6 +91,10 @@ class Layer(nn.Module):
             z = self._maybe_identity("norm", norm, z)
         elif cfg.norm == "layer":
             z = self._maybe_identity("norm", nn.LayerNorm(epsilon=cfg.bn_epsilon), z)
+        if shortcut is not None:
+            z = shortcut + alpha * z
+        if not self.activate:
+            return z
         slope = PRELU_INIT_SLOPE
         if cfg.activation == "prelu":
             slope = self.param("prelu_slope", nn.initializers.constant(PRELU_INIT_SLOPE),
@@ -71,8 +103,15 @@ class Layer(nn.Module):
         return self._maybe_identity("activation", act, z)
 
 
+def stem_activates(cfg: ModelConfig) -> bool:
+    """Whether the stem ends in the activation: not for pre-activation residual
+    networks, whose blocks begin with [norm] -> activation themselves (He et al.
+    2016), so the stream h^0 is a zero-mean linear map of the input."""
+    return not (cfg.residual and cfg.residual_form == "preact")
+
+
 class Block(nn.Module):
-    """One shape-preserving block h^{l-1} -> h^l (plain or residual)."""
+    """One shape-preserving block h^{l-1} -> h^l (plain or residual, see the module doc)."""
 
     cfg: ModelConfig
     train: bool
@@ -81,11 +120,21 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
         cfg = self.cfg
-        layer = lambda name: Layer(cfg, self.train, self.identity_sublayers, name=name)
+        layer = lambda name, **kw: Layer(cfg, self.train, self.identity_sublayers, name=name, **kw)
         if not cfg.residual:
             return layer("layer_0")(h)
-        branch = layer("layer_1")(layer("layer_0")(h))
-        return h + residual_alpha(self, cfg) * branch
+        alpha = residual_alpha(self, cfg)
+        if cfg.residual_form == "preact":
+            a = layer("layer_1")(layer("layer_0", linear=False)(h))
+            out = linear_module(cfg, name="branch_out")
+            if "dense" in self.identity_sublayers:
+                return h + alpha * identity_backward(out, a)
+            return h + alpha * out(a)
+        if cfg.residual_form == "postact":
+            # The shortcut joins before the last activation: act(h + alpha * norm(Dense(a))).
+            return layer("layer_1")(layer("layer_0")(h), shortcut=h, alpha=alpha)
+        branch = layer("layer_1")(layer("layer_0")(h))  # branch_act
+        return h + alpha * branch
 
 
 def residual_alpha(module: nn.Module, cfg: ModelConfig) -> jax.Array | float:
@@ -131,7 +180,10 @@ def BlockStack(cfg: ModelConfig, train: bool, identity_sublayers: tuple[str, ...
 
 class Network(nn.Module):
     """stem -> BlockStack -> head. ``__call__`` returns logits, or with
-    ``collect=True`` the pair (logits, hidden_LxBx...) of block outputs."""
+    ``collect=True`` the pair (logits, hidden_LxBx...) of block outputs.
+    The stem is a Layer (Dense -> [norm] -> act), without the activation for
+    pre-activation residual networks; the head is Dense(num_classes) of h^L
+    (average-pooled over length for conv) in every form."""
 
     cfg: ModelConfig
     train: bool
@@ -139,7 +191,8 @@ class Network(nn.Module):
     collect: bool = False
 
     def stem(self, x: jax.Array) -> jax.Array:
-        return Layer(self.cfg, self.train, shape_preserving=False, name="stem")(x)
+        return Layer(self.cfg, self.train, shape_preserving=False,
+                     activate=stem_activates(self.cfg), name="stem")(x)
 
     @nn.compact
     def __call__(self, x: jax.Array, identity_flags: jax.Array):

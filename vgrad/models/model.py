@@ -9,6 +9,7 @@ block l (1-based) maps h^{l-1} -> h^l.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -93,8 +94,32 @@ class LayeredModel:
         (_, hidden), _ = self._run(variables, x, train, None, (), True)
         return hidden
 
+    def check_block_index(self, l: Any) -> None:
+        """ValueError unless ``l`` is a valid block index 1..L; a traced index
+        (inside jit/scan) cannot be checked and is let through."""
+        if isinstance(l, jax.core.Tracer):
+            return
+        if isinstance(l, bool):
+            raise ValueError(f"invalid block index l={l!r}: must be an integer in [1, {self.cfg.depth}]")
+        try:
+            value = operator.index(l) if not hasattr(l, "shape") or l.shape == () else None
+        except TypeError:
+            value = None
+        if value is None:
+            raise ValueError(f"invalid block index l={l!r}: must be an integer in [1, "
+                             f"{self.cfg.depth}] (blocks are 1-based: block l maps h^(l-1) -> h^l)")
+        if not 1 <= value <= self.cfg.depth:
+            raise ValueError(f"invalid block index l={value}: blocks run from 1 to "
+                             f"{self.cfg.depth} (block l maps h^(l-1) -> h^l; h^0 is the stem "
+                             "output and has no block)")
+
     def block_variables(self, variables: Variables, l: int | jax.Array) -> Variables:
-        """Variables of block l (1-based; may be a traced integer)."""
+        """Variables of block l (1-based, 1..L; may be a traced integer).
+
+        A concrete ``l`` outside 1..L raises ValueError (indexing would wrap
+        l = 0 to block L and clamp l > L to it).
+        """
+        self.check_block_index(l)
         take = lambda tree: jax.tree_util.tree_map(lambda a: a[l - 1], tree["blocks"]["block"]) \
             if tree else {}
         return {"params": take(variables["params"]), "batch_stats": take(variables["batch_stats"])}
@@ -102,6 +127,8 @@ class LayeredModel:
     def block_fn(self, variables: Variables, l: int | jax.Array, *,
                  train: bool) -> Callable[[jax.Array], jax.Array]:
         """The pure map h^{l-1} -> h^l of block l (1-based, may be traced).
+
+        A concrete ``l`` must be in 1..L (ValueError naming the range otherwise).
 
         With BatchNorm and ``train=True`` it normalises with the statistics of
         the batch it is given, so it maps a whole batch (B, ...) -> (B, ...).
