@@ -117,6 +117,38 @@ def test_nonfinite_skip_drops_only_the_bad_updates(ds):
     assert _finite(result.state.params)
 
 
+def _all_finite(tree) -> bool:
+    return all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(tree)
+               if np.issubdtype(np.asarray(a).dtype, np.inexact))
+
+
+# learning rate x weight decay x |parameter| > 3.4e38: the update overflows float32
+# although every gradient is small and finite.
+@pytest.mark.parametrize("how", [dict(learning_rate=1e30, weight_decay=1e30),
+                                 dict(learning_rate=1e20, weight_decay=1e20, momentum=0.0)])
+def test_a_finite_gradient_with_a_nonfinite_update_is_caught(ds, tmp_path, how):
+    """Finite loss and gradients, but the update overflows float32 (a huge learning
+    rate or weight decay): the step keeps the old state, "stop" diverges naming the
+    update, "skip" ends with a finite state, and no kept checkpoint is non-finite."""
+    from vgrad.checkpoint import load_checkpoint
+
+    cfg = TrainConfig(batch_size=16, epochs=2, **how)
+    stop = fit(build(MODEL), cfg, ds, run_dir=tmp_path / "stop", checkpoint_every=1,
+               progress=False)
+    assert stop.status == "diverged" and "non-finite loss or gradient at step 1 " in stop.message
+    assert "every layer's gradient norm is finite" in stop.message
+    assert "update made the parameters or optimiser state non-finite" in stop.message
+    assert _all_finite(stop.state) and int(stop.state.step) == 0
+    train = [r for r in io.read_jsonl(tmp_path / "stop" / "metrics.jsonl") if "loss" in r]
+    assert [r["update_finite"] for r in train] == [False] and np.isfinite(train[0]["grad_norm"])
+    skip = fit(build(MODEL), dataclasses.replace(cfg, on_nonfinite="skip"), ds,
+               run_dir=tmp_path / "skip", checkpoint_every=1, progress=False)
+    assert _all_finite(skip.state) and skip.status == "completed"
+    assert not any(r["update_finite"] for r in skip.history if "loss" in r)  # every update dropped
+    for step in skip.checkpoint_steps:
+        assert _all_finite(load_checkpoint(tmp_path / "skip", step=step).state)
+
+
 def test_cli_writes_diverged_results_and_exits_nonzero(tmp_path, capsys):
     rc = main(["train", "--data.name", "synthetic", "--data.options", "dim", "8", "num_train", "64",
                "num_test", "16", "num_classes", "4", "--model.num_classes", "4", "--model.depth", "3",

@@ -69,6 +69,12 @@ class TrainArgs:
     0: only at epoch ends and the end; None: never (an interrupted run still saves one)."""
     keep_checkpoints: int = 3
     """Keep the last this many checkpoints."""
+    tensorboard: str | None = None
+    """Also write per-layer metrics as TensorBoard event files under this directory
+    (one run per seed; needs the tensorboard extra)."""
+    wandb_project: str | None = None
+    """Also log per-layer metrics to this Weights & Biases project (one run per seed; needs
+    the wandb extra; WANDB_MODE=offline writes locally)."""
 
     def __post_init__(self) -> None:
         def fail(field: str, value: Any, allowed: str) -> None:
@@ -160,6 +166,7 @@ def run_train(args: TrainArgs) -> dict:
     from vgrad import checkpoint as vckpt
     from vgrad import io
     from vgrad.loop import fit
+    from vgrad.writers import make_writers
     from vgrad.models import build
     from vgrad.steps import check_run
 
@@ -196,11 +203,17 @@ def run_train(args: TrainArgs) -> dict:
             try:
                 if not (args.resume and (run_dir / "config.json").exists()):
                     io.write_json(run_dir / "config.json", args)  # a resumed run keeps its original
-                result = fit(model, args.train, dataset, run_dir=run_dir, seeds=args.seeds,
-                             progress=args.progress, log_every=args.log_every, mesh=mesh,
-                             checkpoint_every=args.checkpoint_every,
-                             keep_checkpoints=args.keep_checkpoints, resume=args.resume,
-                             run_config={"data": args.data})
+                writers = make_writers(tensorboard=args.tensorboard, wandb_project=args.wandb_project,
+                                       group=run_dir.name, config=args)
+                try:
+                    result = fit(model, args.train, dataset, run_dir=run_dir, seeds=args.seeds,
+                                 progress=args.progress, log_every=args.log_every, mesh=mesh,
+                                 checkpoint_every=args.checkpoint_every,
+                                 keep_checkpoints=args.keep_checkpoints, resume=args.resume,
+                                 run_config={"data": args.data}, writers=writers)
+                finally:
+                    for writer in writers:
+                        writer.close()
                 results = {"status": result.status, "message": result.message, "final": result.final,
                            **base, "resumed_from_step": result.resumed_from,
                            "checkpoint_steps": result.checkpoint_steps,

@@ -23,6 +23,7 @@ from vgrad import checkpoint as vckpt
 from vgrad import io
 from vgrad.programs import unstack
 from vgrad.steps import TrainState, as_numpy_metrics, describe_nonfinite, evaluate
+from vgrad.writers import run_name
 
 
 @dataclasses.dataclass
@@ -103,10 +104,10 @@ class GroupRecords:
     checkpoints. Split from :func:`train_group` so the loop itself stays short."""
 
     def __init__(self, specs, seeds, paths: RunFiles, log_every, per_epoch, num_steps, label,
-                 dataset, resume):
+                 dataset, resume, writers=()):
         self.specs, self.seeds, self.paths = specs, seeds, paths
         self.log_every, self.per_epoch, self.num_steps = log_every, per_epoch, num_steps
-        self.label = label
+        self.label, self.writers = label, list(writers)
         R = len(specs)
         self.status = ["running"] * R
         self.messages = [""] * R
@@ -140,6 +141,8 @@ class GroupRecords:
         self.history.extend(rows)
         if self.paths.metrics is not None and rows:
             io.append_jsonl_many(self.paths.metrics, rows)
+        for writer in self.writers:  # thin mirrors (TensorBoard, W&B) of metrics.jsonl
+            writer.write(rows)
 
     # -- train chunks ------------------------------------------------------------
 
@@ -262,6 +265,9 @@ class GroupRecords:
         self.measurements.append(record)
         if self.paths.measurements is not None:
             io.append_jsonl_many(self.paths.measurements, [record])
+        names = [run_name({"seed": s, **dict(spec.fields)}) for s, spec in zip(self.seeds, self.specs)]
+        for writer in self.writers:
+            writer.write_measurement(step, record["runs"], names)
 
     # -- checkpoints -------------------------------------------------------------
 

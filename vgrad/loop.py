@@ -211,7 +211,7 @@ def train_group(model: Any, specs: Sequence[RunSpec], dataset: Any, *, config: d
                 steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH,
                 measure_at: Sequence[int] = (),
                 measure: Callable[[int, TrainState, np.ndarray], list[dict]] | None = None,
-                label: str = "train") -> GroupResult:
+                label: str = "train", writers: Sequence[Any] = ()) -> GroupResult:
     """Train the R runs of ``specs`` (one program; see :func:`check_group`) together.
 
     model: the model whose ``apply`` every run uses (for vgrad's models any run's
@@ -222,6 +222,8 @@ def train_group(model: Any, specs: Sequence[RunSpec], dataset: Any, *, config: d
     progress: True/False for a bar of its own, or a ``tqdm`` bar to advance.
     measure_at: steps (0 = initialisation) at which ``measure(step, state_R,
         alive_R)`` is called; it returns one JSON-able dict per run.
+    writers: :mod:`vgrad.writers` mirrors (TensorBoard, W&B) of every record and
+        measurement; the caller closes them.
     Other arguments as in :func:`fit`.
     """
     from tqdm.auto import tqdm
@@ -257,7 +259,7 @@ def train_group(model: Any, specs: Sequence[RunSpec], dataset: Any, *, config: d
         state = init_group(specs, num_steps, dataset.x_train[:batch_size])
         alive = jnp.ones((R,), bool)
         loop = GroupRecords(specs, seeds, paths, log_every, per_epoch, num_steps, label, dataset,
-                            resume)
+                            resume, writers)
         resumed_from = done = None
         if resume:
             state, resumed_from = loop.restore(state)
@@ -400,7 +402,7 @@ def fit(model: Any, train_cfg: TrainConfig, dataset: Any, *, run_dir: Any = None
         seeds: int = 1, progress: bool = True, log_every: int = 1, mesh: Any = None,
         checkpoint_every: int | None = None, keep_checkpoints: int = 3, resume: bool = False,
         run_config: dict | None = None, handle_signals: bool = True,
-        steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH) -> FitResult:
+        steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH, writers: Sequence[Any] = ()) -> FitResult:
     """Train on ``dataset`` (a vgrad.data.Dataset) and evaluate on its test split.
 
     Runs ``total_steps(train_cfg, N_train)`` steps with deterministic batches
@@ -411,7 +413,8 @@ def fit(model: Any, train_cfg: TrainConfig, dataset: Any, *, run_dir: Any = None
     one vmapped program; records carry a "seed" field each.
     ``mesh`` (a ``vgrad.parallel.data_mesh()``) shards the work over devices.
     ``steps_per_dispatch``: steps run per call into the compiled program
-    (results do not depend on it).
+    (results do not depend on it). ``writers``: TensorBoard / W&B mirrors of
+    the records (:func:`vgrad.writers.make_writers`), one backend run per seed.
 
     Failures (see docs/reliability.md):
 
@@ -446,7 +449,8 @@ def fit(model: Any, train_cfg: TrainConfig, dataset: Any, *, run_dir: Any = None
     group = train_group(model, specs, dataset, config=config, run_dir=run_dir, progress=progress,
                         log_every=log_every, mesh=mesh, checkpoint_every=checkpoint_every,
                         keep_checkpoints=keep_checkpoints, resume=resume,
-                        handle_signals=handle_signals, steps_per_dispatch=steps_per_dispatch)
+                        handle_signals=handle_signals, steps_per_dispatch=steps_per_dispatch,
+                        writers=writers)
     if seeds == 1:
         state, final = unstack(group.state, 0), group.runs[0].final
     else:

@@ -39,6 +39,7 @@ import tyro
 
 from vgrad import io, plots
 from vgrad import sweep as vsweep
+from vgrad.writers import make_writers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,10 @@ class StudyArgs:
     """Continue an interrupted study (needs --run-id): finished groups are read back."""
     progress: bool = True
     """Show a progress bar."""
+    tensorboard: str | None = None
+    """Also write every run's per-layer metrics as TensorBoard event files under this directory."""
+    wandb_project: str | None = None
+    """Also log every run's per-layer metrics to this Weights & Biases project."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the flag for a bad value (called before
@@ -126,8 +131,15 @@ class Study:
         """Train ``runs`` with :func:`vgrad.sweep.run` into ``<run-dir>/<name>/``
         (resumable); notes an interruption so :func:`main` reports it."""
         kwargs.setdefault("progress", self.args.progress)
-        result = vsweep.run(runs, dataset, run_dir=self.run_dir / name, resume=self.args.resume,
-                            **kwargs)
+        writers = make_writers(tensorboard=self.args.tensorboard and Path(self.args.tensorboard) / name,
+                               wandb_project=self.args.wandb_project,
+                               group=f"{self.name}/{self.run_dir.name}/{name}", config=self.args)
+        try:
+            result = vsweep.run(runs, dataset, run_dir=self.run_dir / name, resume=self.args.resume,
+                                writers=writers, **kwargs)
+        finally:
+            for writer in writers:
+                writer.close()
         if any(r.status in ("interrupted", "not_started") for r in result.runs):
             self.interrupted = True
         return result

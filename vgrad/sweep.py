@@ -268,7 +268,7 @@ def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: S
         measure_batch_size: int = 64, num_probes: int = 8, jacobians: bool = True,
         progress: bool = True, log_every: int = 1, mesh: Any = None,
         checkpoint_every: int | None = None, resume: bool = False,
-        steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH) -> SweepResult:
+        steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH, writers: Sequence[Any] = ()) -> SweepResult:
     """Train every run of ``runs`` on ``dataset``; return a :class:`SweepResult`.
 
     measure_at: steps (0 = initialisation; a step past a run's length means its
@@ -283,6 +283,8 @@ def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: S
         over its devices when the group's size is a multiple of the device
         count, else each run's batch is.
     progress: one progress bar over all steps of all groups.
+    writers: TensorBoard / W&B mirrors (:func:`vgrad.writers.make_writers`): one
+        backend run per sweep run (``run-NNNN``); the caller closes them.
     """
     from tqdm.auto import tqdm
 
@@ -315,7 +317,8 @@ def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: S
             if saved is None:
                 saved = _train_one_group(runs, indices, dataset, g, group_dir, config, at, x_measure,
                                          y_measure, num_probes, jacobians, bar, log_every, mesh,
-                                         checkpoint_every, resume, steps_per_dispatch, num_steps)
+                                         checkpoint_every, resume, steps_per_dispatch, num_steps,
+                                         writers)
             else:
                 bar.update(num_steps)
             group_rows.append({"group": g, "runs": list(indices), "steps": num_steps,
@@ -333,7 +336,7 @@ def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: S
 
 def _train_one_group(runs, indices, dataset, g, group_dir, config, at, x_measure, y_measure,
                      num_probes, jacobians, bar, log_every, mesh, checkpoint_every, resume,
-                     steps_per_dispatch, num_steps) -> dict:
+                     steps_per_dispatch, num_steps, writers) -> dict:
     """Train group g; write and return its result (config, status, per-run outcomes)."""
     group_runs = [runs[i] for i in indices]
     models = {cfg: build(cfg) for cfg in dict.fromkeys(r.model for r in group_runs)}
@@ -350,7 +353,7 @@ def _train_one_group(runs, indices, dataset, g, group_dir, config, at, x_measure
                       log_every=log_every, mesh=mesh, resume=can_resume,
                       checkpoint_every=checkpoint_every if group_dir is not None else None,
                       keep_checkpoints=1, steps_per_dispatch=steps_per_dispatch, measure_at=at,
-                      measure=measure, label=label)
+                      measure=measure, label=label, writers=writers)
     saved = {"config": config, "status": out.status, "step_time_s": out.step_time_s,
              "compile_time_s": out.compile_time_s,
              "runs": [dataclasses.asdict(o) for o in out.runs]}
