@@ -1,8 +1,10 @@
 """Shared setup of the analysis tests: tiny models with non-trivial BatchNorm statistics."""
 
 import functools
+import math
 
 import jax
+import numpy as np
 
 import vgrad.models
 from vgrad.config import ModelConfig
@@ -44,3 +46,16 @@ def case(name: str):
     """(model, variables, x, train) of a named case, built once per test session."""
     cfg, train = CASES[name]
     return (*setup(cfg), train)
+
+
+def msv(m: np.ndarray) -> float:
+    """Mean squared singular value ||M||_F^2 / n."""
+    return float(np.sum(m**2) / m.shape[0])
+
+
+def probe_sd(m: np.ndarray, k: int) -> float:
+    """Standard deviation of mean_i ||u_i^T M||^2 over k unit-sphere probes u_i."""
+    n = m.shape[0]
+    a = m @ m.T
+    var = 2 * n / (n + 2) * (np.sum(a**2) - np.trace(a) ** 2 / n) / n**2
+    return math.sqrt(max(var, 0.0) / k)

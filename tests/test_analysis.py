@@ -20,7 +20,7 @@ import vgrad.models
 from vgrad.analysis import jacobian_products, jacobian_spectrum, top_singular_values
 from vgrad.config import ModelConfig
 
-from analysis_setup import CASES, case, setup
+from analysis_setup import CASES, case, msv, probe_sd, setup
 
 SIGMAS = 5.0  # tolerance in estimator standard deviations (two-sided p ~ 6e-7)
 
@@ -51,19 +51,6 @@ def dense_reference(model, variables, x, train):
     for l in range(L, 0, -1):
         prods[l - 1] = prods[l] @ jacs[l - 1]
     return jacs, prods
-
-
-def msv(m: np.ndarray) -> float:
-    """Mean squared singular value ||M||_F^2 / n."""
-    return float(np.sum(m**2) / m.shape[0])
-
-
-def probe_sd(m: np.ndarray, k: int) -> float:
-    """Standard deviation of mean_i ||u_i^T M||^2 over k unit-sphere probes u_i."""
-    n = m.shape[0]
-    a = m @ m.T
-    var = 2 * n / (n + 2) * (np.sum(a**2) - np.trace(a) ** 2 / n) / n**2
-    return math.sqrt(max(var, 0.0) / k)
 
 
 @functools.lru_cache(maxsize=None)

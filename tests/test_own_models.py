@@ -24,6 +24,7 @@ from flax import linen as nn
 from flax import nnx
 
 import vgrad.models
+from analysis_setup import msv, probe_sd
 from vgrad.analysis import gradient_flow, jacobian_products, jacobian_spectrum, top_singular_values
 from vgrad.analysis.jacobians import _cache_key
 from vgrad.config import ModelConfig
@@ -39,19 +40,6 @@ def inputs(seed: int = 0) -> jax.Array:
 
 
 # ---- dense references ------------------------------------------------------
-
-
-def msv(m: np.ndarray) -> float:
-    """Mean squared singular value ||M||_F^2 / n."""
-    return float(np.sum(m**2) / m.shape[0])
-
-
-def probe_sd(m: np.ndarray, k: int) -> float:
-    """Standard deviation of mean_i ||u_i^T M||^2 over k unit-sphere probes u_i."""
-    n = m.shape[0]
-    a = m @ m.T
-    var = 2 * n / (n + 2) * (np.sum(a**2) - np.trace(a) ** 2 / n) / n**2
-    return math.sqrt(max(var, 0.0) / k)
 
 
 def dense_chain(block_maps, h0):

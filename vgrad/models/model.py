@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from vgrad.config import ModelConfig
 from vgrad.models.blocks import SUBLAYER_KINDS, Block, Network
+from vgrad.models.layered import identity_mask
 
 Variables = dict[str, Any]
 
@@ -46,19 +46,7 @@ class LayeredModel:
 
     def identity_mask(self, identity_blocks: Sequence[int] | jax.Array | None) -> jax.Array:
         """Block indices (1-based) or a bool mask of shape (L,) -> bool mask (L,); ValueError if out of range."""
-        L = self.cfg.depth
-        if identity_blocks is None:
-            return jnp.zeros((L,), bool)
-        arr = jnp.asarray(identity_blocks)
-        if arr.dtype == jnp.bool_:
-            if arr.shape != (L,):
-                raise ValueError(f"identity_blocks mask must have shape ({L},), got {arr.shape}")
-            return arr
-        blocks = [int(b) for b in identity_blocks]
-        bad = [b for b in blocks if not 1 <= b <= L]
-        if bad:
-            raise ValueError(f"invalid identity_blocks={bad}: block indices run from 1 to {L}")
-        return jnp.zeros((L,), bool).at[jnp.asarray(blocks, int) - 1].set(True)
+        return identity_mask(self.cfg.depth, identity_blocks)
 
     def init(self, key: jax.Array, x: jax.Array) -> Variables:
         """Initial variables for inputs shaped like ``x`` (B, ...). Pure."""
