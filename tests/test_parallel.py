@@ -349,7 +349,7 @@ def test_multi_device_tests_pass_in_a_subprocess():
                                  "--xla_backend_optimization_level=0"]).strip()
     env["JAX_PLATFORMS"] = "cpu"
     here = Path(__file__).resolve()
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly",
            "-x", str(here), "-k", "sharded or mesh or divisible"]
     proc = subprocess.run(cmd, env=env, cwd=here.parents[1], capture_output=True, text=True,
                           timeout=600)

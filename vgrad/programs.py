@@ -68,9 +68,8 @@ def _chunk_program(model: Any, train_cfg: TrainConfig, num_steps: int | None, K:
     step = train_step_fn(model, train_cfg, total_steps=num_steps)
 
     def one_run_step(state, batch):
-        # XLA compiles a vmap over one run into different (equally valid) kernels
-        # than the plain step; without vmap a lone run reproduces the plain step
-        # bit for bit, as a vmap over several runs does.
+        # XLA compiles a vmap over one run into other (equally valid) kernels than
+        # the plain step; without vmap a lone run runs exactly the plain step.
         new, metrics = step(*unstack((state, batch), 0))
         return jax.tree_util.tree_map(lambda a: a[None], (new, metrics))
 
@@ -125,8 +124,7 @@ def _jit_eval(model):
         if jax.tree_util.tree_leaves(state)[0].shape[0] == 1:  # see one_run_step
             return jax.tree_util.tree_map(lambda a: a[None], step(unstack(state, 0), batch))
         # The batch is broadcast to every run (not in_axes=None): XLA then runs the
-        # same batched matmuls as the training step, and each run's numbers equal
-        # those of the run evaluated alone, bit for bit.
+        # same batched matmuls as the training step rather than one wide matmul.
         runs = jax.tree_util.tree_leaves(state)[0].shape[0]
         batch = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (runs, *a.shape)), batch)
         return jax.vmap(step)(state, batch)
