@@ -91,3 +91,24 @@ def test_markdown_table_and_report():
     rep.add("S", "body\n")
     assert rep.render() == "# T\n\n## S\n\nbody\n"
     json.dumps(study.StudyArgs().__dict__)
+
+
+def test_study_errors_bad_input_before_training_vs_a_bug_after(tmp_path, capsys):
+    from vgrad import ModelConfig
+
+    def bad_grid(s):  # an invalid value found while building the grid: nothing trained
+        ModelConfig(depth=0)
+
+    assert study.main("fake", study.StudyArgs, bad_grid, ["--out", str(tmp_path), "--run-id", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vgrad: error: invalid depth=0") and len(err.splitlines()) == 1
+    assert not (tmp_path / "fake").exists()
+
+    def bug(s):  # a bug once training has started: a traceback, and results.json says failed
+        s.trained = True
+        return {}["missing"]
+
+    with pytest.raises(RuntimeError, match="study fake failed: KeyError"):
+        study.main("fake", study.StudyArgs, bug, ["--out", str(tmp_path), "--run-id", "b"])
+    failed = io.read_json(tmp_path / "fake" / "b" / "results.json")
+    assert failed["status"] == "failed" and "KeyError" in failed["message"]

@@ -190,7 +190,7 @@ class GroupRecords:
         if len(self.specs) == 1:
             return ""
         fields = dict(self.specs[r].fields)
-        return f"{self.label} run {fields['run']} (seed {self.seeds[r]}): " if "run" in fields \
+        return f"run {fields['run']} (seed {self.seeds[r]}): " if "run" in fields \
             else f"seed {self.seeds[r]}: "
 
     # -- evaluation ------------------------------------------------------------

@@ -3,7 +3,8 @@
 * One colour per technique, the same in every study: :data:`TECHNIQUE_COLORS`
   (mitigations) and :data:`ACTIVATION_COLORS` (activation functions);
   :func:`color` looks a label up and gives anything else a stable colour.
-* :func:`band`: the mean over seeds with a shaded min-max band.
+* :func:`band` / :func:`curve_band`: the mean over seeds with a shaded min-max band.
+* :func:`log10`, :func:`nanmean`: the array helpers figures of diverged runs need.
 * :func:`heatmap`: a labelled grid (layer x step, depth x sigma_w^2, ...).
 * :func:`save`: atomic PNG writes (``vgrad.analysis.plots.save``).
 
@@ -81,6 +82,8 @@ def band(ax: Any, x: Sequence[float], ys: Any, *, label: str | None = None, colo
 
     NaNs (a diverged seed's missing points) are left out of the mean and band.
     """
+    if not len(x):  # e.g. a run that diverged before its first record: nothing to draw
+        return
     ys = np.asarray(ys, float).reshape(-1, len(x))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -88,6 +91,26 @@ def band(ax: Any, x: Sequence[float], ys: Any, *, label: str | None = None, colo
     ax.plot(x, mean, linestyle=linestyle, marker=marker, color=color, label=label, lw=1.8)
     if ys.shape[0] > 1:
         ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+
+
+def curve_band(ax: Any, curve: dict, **kwargs: Any) -> None:
+    """:func:`band` of a ``{"steps": (T,), "values": (S, T)}`` curve (as studies store them)."""
+    band(ax, curve["steps"], curve["values"], **kwargs)
+
+
+def log10(values: Any, floor: float | None = None) -> np.ndarray:
+    """log10 of ``values`` as a float array: 0 -> -inf, negative -> NaN, no warnings;
+    ``floor`` clips finite and -inf values from below (NaN stays NaN)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log10(np.asarray(values, float))
+    return out if floor is None else np.where(np.isnan(out), np.nan, np.maximum(out, floor))
+
+
+def nanmean(values: Any, axis: int = 0) -> np.ndarray:
+    """Mean over ``axis`` ignoring NaN (diverged or missing seeds); all-NaN -> NaN, no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.asarray(values, float), axis)
 
 
 def heatmap(ax: Any, values: Any, *, x: Sequence[Any], y: Sequence[Any], label: str,

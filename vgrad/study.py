@@ -118,6 +118,7 @@ class Study:
         self.figures: list[str] = []
         self.started = time.perf_counter()
         self.interrupted = False
+        self.trained = False  # set once training starts: later errors are failures, not bad input
 
     def save_figure(self, fig: Any, name: str) -> str:
         """Save ``fig`` as ``figures/<name>.png``; returns the path relative to the run directory."""
@@ -135,6 +136,7 @@ class Study:
                                wandb_project=self.args.wandb_project,
                                group=f"{self.name}/{self.run_dir.name}/{name}", config=self.args)
         try:
+            self.trained = True
             result = vsweep.run(runs, dataset, run_dir=self.run_dir / name, resume=self.args.resume,
                                 writers=writers, **kwargs)
         finally:
@@ -152,6 +154,27 @@ class Study:
                 f"({jax.device_count()} device{'s' * (jax.device_count() > 1)})")
 
 
+class _BadInput(Exception):
+    """Carries a ValueError found while a study built its grid (nothing trained yet)."""
+
+
+def _run_body(name: str, args: StudyArgs, study: Study, body: Callable[[Study], dict]) -> dict:
+    """``body(study)``. A ValueError before training starts is bad input (config.json is
+    taken back); any other error is recorded in results.json ("failed"): an environment
+    failure is re-raised as it is, a bug as a RuntimeError with the traceback."""
+    try:
+        return body(study)
+    except Exception as err:
+        if isinstance(err, ValueError) and not study.trained and not io.is_environment_error(err):
+            if not args.resume:
+                (study.run_dir / "config.json").unlink(missing_ok=True)
+            raise _BadInput() from err
+        io.write_failure(study.run_dir, err, {"study": name, "config": args})
+        if io.is_environment_error(err):
+            raise
+        raise RuntimeError(f"study {name} failed: {io.describe_error(err)}") from err
+
+
 def run_study(name: str, args: StudyArgs, body: Callable[[Study], dict], *,
               command: str | None = None) -> dict:
     """Run ``body`` in a fresh (or resumed) ``<out>/<name>/<run-id>/`` and write
@@ -164,23 +187,27 @@ def run_study(name: str, args: StudyArgs, body: Callable[[Study], dict], *,
         raise ValueError(f"invalid --run-id={args.run_id!r}: {run_dir} already holds a study run; "
                          "add --resume to continue it, or choose another --run-id")
     command = command or "python -m experiments." + name + " " + " ".join(sys.argv[1:])
-    with io.run_dir_lock(run_dir):
-        io.write_json(run_dir / "config.json", args)
-        study = Study(name, args, run_dir, command.strip())
-        try:
-            results = body(study)
-        except Exception as err:
-            if io.is_environment_error(err):
-                io.write_failure(run_dir, err, {"study": name, "config": args})
-            raise
-        wall = time.perf_counter() - study.started
-        status = "interrupted" if study.interrupted else "completed"
-        results = {"study": name, "status": status, **results, "config": args,
-                   "run_dir": str(run_dir), "wall_time_s": wall, "environment": io.environment_info()}
-        study.report.add("Run", f"`{study.command}` — {status}, {wall:.0f} s wall time on "
-                                f"{study.machine()}.")
-        io.write_json(run_dir / "results.json", results)
-        io.atomic_write_text(run_dir / "report.md", study.report.render())
+    # The directories this call creates (run_dir and missing parents), deepest first.
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+    try:
+        with io.run_dir_lock(run_dir):
+            io.write_json(run_dir / "config.json", args)
+            study = Study(name, args, run_dir, command.strip())
+            results = _run_body(name, args, study, body)
+            wall = time.perf_counter() - study.started
+            status = "interrupted" if study.interrupted else "completed"
+            results = {"study": name, "status": status, **results, "config": args,
+                       "run_dir": str(run_dir), "wall_time_s": wall,
+                       "environment": io.environment_info()}
+            study.report.add("Run", f"`{study.command}` — {status}, {wall:.0f} s wall time on "
+                                    f"{study.machine()}.")
+            io.write_json(run_dir / "results.json", results)
+            io.atomic_write_text(run_dir / "report.md", study.report.render())
+    except _BadInput as bad:
+        for d in created:  # nothing ran: leave no trace, not even an empty directory
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise bad.__cause__ from None
     return results
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -359,6 +360,9 @@ def _train_one_group(runs, indices, dataset, g, group_dir, config, at, x_measure
              "runs": [dataclasses.asdict(o) for o in out.runs]}
     if group_dir is not None and out.status != "interrupted":
         io.write_json(group_dir / "result.json", saved)
+        # A finished group is read back from result.json on resume; its checkpoints
+        # (only ever needed to continue it) would cost disk in every study run.
+        shutil.rmtree(vckpt.checkpoint_dir(group_dir), ignore_errors=True)
     saved["history"], saved["measurements"] = out.history, out.measurements
     return saved
 
