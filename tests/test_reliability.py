@@ -88,6 +88,10 @@ def test_describe_nonfinite_names_first_layer_in_backprop_order():
     stacked = {k: np.stack([v, v]) for k, v in metrics.items()}
     stacked["finite"] = np.array([True, False])
     assert "seeds affected: [8]" in describe_nonfinite(stacked, seeds=[7, 8])
+    deep = {**metrics, "block_grad_norms": np.full(1000, np.nan, np.float32)}
+    text = describe_nonfinite(deep)  # 1001 layers are counted, 8 named
+    assert "non-finite in 1001 layers: block 1000, block 999," in text and "(993 more)" in text
+    assert len(text) < 400
 
 
 def test_nonfinite_stop_diverges_naming_step_and_keeping_checkpoint_and_metrics(ds, tmp_path):

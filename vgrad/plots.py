@@ -4,7 +4,8 @@
   (mitigations) and :data:`ACTIVATION_COLORS` (activation functions);
   :func:`color` looks a label up and gives anything else a stable colour.
 * :func:`band` / :func:`curve_band`: the mean over seeds with a shaded min-max band.
-* :func:`log10`, :func:`nanmean`: the array helpers figures of diverged runs need.
+* :func:`log10`, :func:`nanmean`, :func:`smoothed`: the array helpers figures of
+  diverged and noisy runs need.
 * :func:`heatmap`: a labelled grid (layer x step, depth x sigma_w^2, ...).
 * :func:`save`: atomic PNG writes (``vgrad.analysis.plots.save``).
 
@@ -111,6 +112,15 @@ def nanmean(values: Any, axis: int = 0) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(np.asarray(values, float), axis)
+
+
+def smoothed(values: Any, window: int) -> np.ndarray:
+    """Trailing moving average along the last axis, NaN-aware, same length."""
+    v = np.asarray(values, float)
+    out = np.full_like(v, np.nan)
+    for t in range(v.shape[-1]):
+        out[..., t] = nanmean(v[..., max(0, t + 1 - window):t + 1], axis=-1)
+    return out
 
 
 def heatmap(ax: Any, values: Any, *, x: Sequence[Any], y: Sequence[Any], label: str,

@@ -363,8 +363,9 @@ def describe_nonfinite(metrics: dict, seeds: list[int] | None = None) -> str:
     layers = nonfinite_layers(metrics)
     if layers:
         parts.append(f"first non-finite gradient in backpropagation order: {layers[0]}")
-        if len(layers) > 1:
-            parts.append(f"non-finite in {len(layers)} layers: {', '.join(layers)}")
+        if len(layers) > 1:  # at most 8 names: a depth-1000 network would print a screenful
+            named = ", ".join(layers[:8]) + (f", ... ({len(layers) - 8} more)" if len(layers) > 8 else "")
+            parts.append(f"non-finite in {len(layers)} layers: {named}")
     else:
         parts.append("every layer's gradient norm is finite")
         if "update_finite" in metrics and not np.asarray(metrics["update_finite"]).all():
