@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import sys
 
 import jax
@@ -74,8 +73,6 @@ class Args(StudyArgs):
     learning_rate: float = 0.02
     num_samples: int = 25000
     """MNIST-1D samples generated (80 % train, 20 % test)."""
-    figure: str | None = None
-    """Also copy the headline figure here (e.g. docs/figures/activations.png)."""
 
 
 def sizes(args: Args) -> dict:
@@ -401,9 +398,8 @@ def body(s: study.Study) -> dict:
                "units": figure_units(acts), "curves": figure_curves(acts)}
     if prelu is not None:
         figures["prelu_slopes"] = figure_prelu(prelu)
-    paths = {name: s.save_figure(fig, name) for name, fig in figures.items()}
-    if args.figure:
-        shutil.copyfile(s.run_dir / paths["summary"], args.figure)
+    paths = {name: s.save_figure(fig, name, headline=name == "summary")
+             for name, fig in figures.items()}
 
     rep = s.report
     rep.title = "Activation functions and the vanishing gradient"

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import sys
 
 import jax
@@ -85,8 +84,6 @@ class Args(StudyArgs):
     """Thresholds c of clipping by value (|g_i| <= c)."""
     agc: tuple[float, ...] = (0.01, 0.1)
     """Factors lambda of adaptive clipping (||g_unit|| <= lambda ||w_unit||)."""
-    figure: str | None = None
-    """Also copy the headline figure here (e.g. docs/figures/clipping.png)."""
 
     def validate(self) -> None:
         super().validate()
@@ -488,9 +485,8 @@ def body(s: study.Study) -> dict:
              for setting in size["settings"]}
     settings = summarise(result, size, step0)
     figures = {"summary": figure_summary(settings), "training": figure_training(settings)}
-    paths = {name: s.save_figure(fig, name) for name, fig in figures.items()}
-    if args.figure:
-        shutil.copyfile(s.run_dir / paths["summary"], args.figure)
+    paths = {name: s.save_figure(fig, name, headline=name == "summary")
+             for name, fig in figures.items()}
 
     rep = s.report
     rep.title = "Gradient clipping where gradients explode and where they vanish"

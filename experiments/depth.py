@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import sys
 
 import numpy as np
@@ -70,8 +69,6 @@ class Args(StudyArgs):
     width: int = 128
     steps: int = 300
     learning_rate: float = 0.01
-    figure: str | None = None
-    """Also copy the headline figure here (e.g. docs/figures/depth.png)."""
 
     def validate(self) -> None:
         super().validate()
@@ -407,9 +404,8 @@ def body(s: study.Study) -> dict:
     cells = summarise(result)
     figures = {"ratio": figure_ratio(cells), "layers": figure_layers(cells),
                "weight_change": figure_weight_change(cells)}
-    paths = {name: s.save_figure(fig, name) for name, fig in figures.items()}
-    if args.figure:
-        shutil.copyfile(s.run_dir / paths["ratio"], args.figure)
+    paths = {name: s.save_figure(fig, name, headline=name == "ratio")
+             for name, fig in figures.items()}
 
     rep = s.report
     rep.title = "Gradients against depth: measured and mean-field"

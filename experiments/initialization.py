@@ -38,7 +38,6 @@ the numbers.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import sys
 
 import jax
@@ -98,8 +97,6 @@ class Args(StudyArgs):
     num_samples: int = 25000
     """MNIST-1D samples generated (80 % train, 20 % test)."""
     spectrum_depths: tuple[int, ...] = (4, 16, 64)
-    figure: str | None = None
-    """Also copy the headline figure here (e.g. docs/figures/initialization.png)."""
 
 
 def sizes(args: Args) -> dict:
@@ -490,9 +487,8 @@ def body(s: study.Study) -> dict:
                "forward_backward": figure_forward_backward(cells, acts),
                "curves": figure_curves(cells, acts), "accuracy": figure_accuracy(cells, acts),
                "spectrum": figure_spectrum(spec)}
-    paths = {name: s.save_figure(fig, name) for name, fig in figures.items()}
-    if args.figure:
-        shutil.copyfile(s.run_dir / paths["classic"], args.figure)
+    paths = {name: s.save_figure(fig, name, headline=name == "classic")
+             for name, fig in figures.items()}
 
     rep = s.report
     rep.title = "Weight initialisation: signal, gradient, spectrum and training"

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-import shutil
 import sys
 
 import numpy as np
@@ -70,8 +69,6 @@ class Args(StudyArgs):
     learning_rate: float = 0.02
     num_samples: int = 25000
     """MNIST-1D samples generated (80 % train, 20 % test)."""
-    figure: str | None = None
-    """Also copy the headline figure here (e.g. docs/figures/mitigations.png)."""
 
 
 def sizes(args: Args) -> dict:
@@ -273,9 +270,8 @@ def body(s: study.Study) -> dict:
     figures = {
         "summary": figure_summary(techniques), "curves": figure_curves(techniques),
         "products": figure_products(techniques), "grad_heatmaps": figure_heatmaps(techniques)}
-    paths = {name: s.save_figure(fig, name) for name, fig in figures.items()}
-    if args.figure:
-        shutil.copyfile(s.run_dir / paths["summary"], args.figure)
+    paths = {name: s.save_figure(fig, name, headline=name == "summary")
+             for name, fig in figures.items()}
 
     rep = s.report
     rep.title = "Which fix for vanishing gradients helps, and how much?"

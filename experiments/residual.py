@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import sys
 
 import matplotlib
@@ -94,8 +93,6 @@ class Args(StudyArgs):
     short_depth: int = 1000
     learning_rate: float = 0.01
     batch_size: int = 128
-    figure: str | None = None
-    """Also copy the headline figure here (e.g. docs/figures/residual.png)."""
 
     def validate(self) -> None:
         super().validate()
@@ -700,9 +697,8 @@ def body(s: study.Study) -> dict:
     table = [row for r in results for row in r.table()]
     figures = {"summary": figure_summary(entries, size), "products": figure_products(entries),
                "plain_bn_gradients": figure_plain_bn(entries), "curves": figure_curves(entries, size)}
-    paths = {name: s.save_figure(fig, name) for name, fig in figures.items()}
-    if args.figure:
-        shutil.copyfile(s.run_dir / paths["summary"], args.figure)
+    paths = {name: s.save_figure(fig, name, headline=name == "summary")
+             for name, fig in figures.items()}
 
     rep = s.report
     rep.title = "Residual connections: gradient products, trainability and degradation"

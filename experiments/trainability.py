@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import sys
 import warnings
 
@@ -331,9 +330,8 @@ def body(s: study.Study) -> dict:
     agree = agreement(acc_mean, depths, th["grid_xi_c"], args.threshold)
     figures = {"phase_diagram": figure_phase(depths, ws, acc_mean, max_depth, th, args.threshold, size),
                "accuracy_vs_depth": figure_slices(depths, ws, train_acc, args.threshold)}
-    paths = {name: s.save_figure(fig, name) for name, fig in figures.items()}
-    if args.figure:
-        shutil.copyfile(s.run_dir / paths["phase_diagram"], args.figure)
+    paths = {name: s.save_figure(fig, name, headline=name == "phase_diagram")
+             for name, fig in figures.items()}
     text = conclusion(depths, ws, acc_mean, max_depth, th, agree, args.threshold, size)
 
     rep = s.report

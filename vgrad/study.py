@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -62,6 +63,8 @@ class StudyArgs:
     """Also write every run's per-layer metrics as TensorBoard event files under this directory."""
     wandb_project: str | None = None
     """Also log every run's per-layer metrics to this Weights & Biases project."""
+    figure: str | None = None
+    """Also copy the study's headline figure here (e.g. docs/figures/<study>.png)."""
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the flag for a bad value (called before
@@ -120,11 +123,14 @@ class Study:
         self.interrupted = False
         self.trained = False  # set once training starts: later errors are failures, not bad input
 
-    def save_figure(self, fig: Any, name: str) -> str:
-        """Save ``fig`` as ``figures/<name>.png``; returns the path relative to the run directory."""
+    def save_figure(self, fig: Any, name: str, *, headline: bool = False) -> str:
+        """Save ``fig`` as ``figures/<name>.png``; returns the path relative to the run
+        directory. The ``headline`` figure is also copied to ``--figure`` when given."""
         rel = f"figures/{name}.png"
         plots.save(fig, self.run_dir / rel)
         self.figures.append(rel)
+        if headline and self.args.figure:
+            shutil.copyfile(self.run_dir / rel, self.args.figure)
         return rel
 
     def sweep(self, runs: Sequence[vsweep.Run], dataset: Any, *, name: str = "sweep",
