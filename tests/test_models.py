@@ -11,6 +11,7 @@ import pytest
 from vgrad import ModelConfig
 from vgrad.config import ACTIVATIONS
 from vgrad.models import activation_fn, build
+from references import conv_same, dense
 
 KEY = jax.random.key(0)
 
@@ -194,22 +195,13 @@ def _act(name):
     return activation_fn(name, leaky_slope=0.01)
 
 
-def _dense(p, h):
-    return h @ p["kernel"] + p["bias"]
 
 
-def _conv_same(p, h):
-    """'SAME' 1-D convolution written with explicit shifts: h (B, T, C) -> (B, T, O)."""
-    k = p["kernel"].shape[0]
-    left = (k - 1) // 2
-    padded = jnp.pad(h, ((0, 0), (left, k - 1 - left), (0, 0)))
-    out = sum(padded[:, i:i + h.shape[1], :] @ p["kernel"][i] for i in range(k))
-    return out + p["bias"]
 
 
 def _reference_logits(cfg, variables, x):
     """A plain Python loop over blocks, from the same parameters (norm='none' or 'layer')."""
-    linear = _conv_same if cfg.arch == "conv" else _dense
+    linear = conv_same if cfg.arch == "conv" else dense
     lin_name = "Conv_0" if cfg.arch == "conv" else "Dense_0"
     act = _act(cfg.activation)
 
@@ -244,7 +236,7 @@ def _reference_logits(cfg, variables, x):
             h = layer(p["layer_0"], h)
     if cfg.arch == "conv":
         h = h.mean(1)
-    return _dense(params["head"], h)
+    return dense(params["head"], h)
 
 
 @pytest.mark.parametrize("kw", [

@@ -21,28 +21,21 @@ from vgrad.analysis import gradient_flow, jacobian_products, theory
 from vgrad.config import RESIDUAL_FORMS
 from vgrad.models import activation_fn, build
 from vgrad.models.blocks import SUBLAYER_KINDS
+from references import conv_same, dense
 
 KEY = jax.random.key(0)
 
 
 # ---------------------------------------------------------------- plain JAX references
 
-def _dense(p, h):
-    return h @ p["kernel"] + p["bias"]
 
 
-def _conv_same(p, h):
-    """'SAME' 1-D convolution with explicit shifts: h (B, T, C) -> (B, T, O)."""
-    k = p["kernel"].shape[0]
-    left = (k - 1) // 2
-    padded = jnp.pad(h, ((0, 0), (left, k - 1 - left), (0, 0)))
-    return sum(padded[:, i:i + h.shape[1], :] @ p["kernel"][i] for i in range(k)) + p["bias"]
 
 
 def _reference(cfg: ModelConfig, train: bool):
     """(stem, block, head) of ``cfg`` written out in plain JAX, BatchNorm included:
     stem(params, stats, x), block(block_params, block_stats, h), head(params, h)."""
-    linear = _conv_same if cfg.arch == "conv" else _dense
+    linear = conv_same if cfg.arch == "conv" else dense
     lin = "Conv_0" if cfg.arch == "conv" else "Dense_0"
     act = activation_fn(cfg.activation, leaky_slope=cfg.leaky_slope)
     alpha = {"inv_sqrt_depth": 1 / math.sqrt(cfg.depth)}.get(cfg.residual_scale, cfg.residual_scale)
@@ -79,7 +72,7 @@ def _reference(cfg: ModelConfig, train: bool):
         return h + alpha * act(norm(p["layer_1"], s.get("layer_1"), linear(p["layer_1"][lin], a)))
 
     def head(params, h):
-        return _dense(params["head"], h.mean(1) if cfg.arch == "conv" else h)
+        return dense(params["head"], h.mean(1) if cfg.arch == "conv" else h)
 
     return stem, block, head
 
@@ -263,9 +256,9 @@ def test_analysis_functions_for_each_form(form):
         relu = jax.nn.relu
         if form == "preact":
             a0 = relu(bn(p["layer_0"], h))
-            a1 = relu(bn(p["layer_1"], _dense(p["layer_1"]["Dense_0"], a0)))
+            a1 = relu(bn(p["layer_1"], dense(p["layer_1"]["Dense_0"], a0)))
         else:  # postact: the second activation's output is the block's output
-            a0 = relu(bn(p["layer_0"], _dense(p["layer_0"]["Dense_0"], h)))
+            a0 = relu(bn(p["layer_0"], dense(p["layer_0"]["Dense_0"], h)))
             a1 = hs[l]
         acts = np.concatenate([np.ravel(a0), np.ravel(a1)])
         assert grads.activation_mean[l] == pytest.approx(acts.mean(), rel=1e-4, abs=1e-6)
