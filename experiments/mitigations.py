@@ -17,7 +17,7 @@ too small for deep MLPs, which overfit it at ~50 % test accuracy).
 Training: SGD, momentum 0.9, learning rate 0.02, batch 128, 800 steps, 3
 seeds; every form of a seed starts from the same data order.
 
-    python -m experiments.mitigations                  # ~4 min on 2 CPU cores
+    python -m experiments.mitigations                  # ~2 min on 2 CPU cores (113 s idle)
     python -m experiments.mitigations --quick          # seconds (tiny sizes)
     python -m experiments.mitigations --figure docs/figures/mitigations.png
 
