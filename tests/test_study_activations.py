@@ -4,15 +4,12 @@ import numpy as np
 import pytest
 
 from experiments import activations
-from vgrad import io
+from studies_setup import run_quick
 
 
 @pytest.fixture(scope="module")
 def quick_activations(tmp_path_factory):
-    out = tmp_path_factory.mktemp("studies")
-    code = activations.main(["--quick", "--out", str(out), "--run-id", "q", "--no-progress"])
-    run = out / "activations" / "q"
-    return code, run, io.from_jsonable(io.read_json(run / "results.json"))
+    return run_quick(activations, tmp_path_factory.mktemp("studies"))
 
 
 def test_quick_activations_study_writes_the_study_conventions(quick_activations):

@@ -4,15 +4,12 @@ import numpy as np
 import pytest
 
 from experiments import clipping
-from vgrad import io
+from studies_setup import run_quick
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("studies")
-    code = clipping.main(["--quick", "--out", str(out), "--run-id", "q", "--no-progress"])
-    run = out / "clipping" / "q"
-    return code, run, io.from_jsonable(io.read_json(run / "results.json"))
+    return run_quick(clipping, tmp_path_factory.mktemp("studies"))
 
 
 def test_quick_clipping_writes_the_study_conventions(quick):

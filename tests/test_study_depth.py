@@ -4,16 +4,14 @@ import numpy as np
 import pytest
 
 from experiments import depth
-from vgrad import io
+from studies_setup import run_quick
 
 
 @pytest.fixture(scope="module")
 def quick_depth(tmp_path_factory):
     out = tmp_path_factory.mktemp("studies")
-    code = depth.main(["--quick", "--out", str(out), "--run-id", "q", "--no-progress",
-                       "--figure", str(out / "headline.png")])
-    run = out / "depth" / "q"
-    return code, run, out, io.from_jsonable(io.read_json(run / "results.json"))
+    code, run, results = run_quick(depth, out, "--figure", str(out / "headline.png"))
+    return code, run, out, results
 
 
 def test_quick_depth_study_writes_the_study_conventions(quick_depth):

@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 
 from experiments import residual
-from vgrad import io
+from studies_setup import run_quick
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("studies")
-    code = residual.main(["--quick", "--out", str(out), "--run-id", "q", "--no-progress"])
-    run = out / "residual" / "q"
-    return code, run, io.from_jsonable(io.read_json(run / "results.json"))
+    return run_quick(residual, tmp_path_factory.mktemp("studies"))
 
 
 def test_quick_residual_writes_the_study_conventions(quick):
