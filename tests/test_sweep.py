@@ -199,6 +199,32 @@ def test_measurements_at_init_match_the_analysis_functions(ds, lr_sweep):
     assert all(c > 0 for c in got.measurements[2]["relative_weight_change"])
 
 
+def test_extra_measure_sees_each_runs_own_variables(ds):
+    """A study's own measurement joins the built-in ones: here the training-mode loss of
+    each run's variables on the measurement batch, which must equal the built-in ``loss``
+    (measured by gradient_flow) run by run and step by step."""
+    x, y = ds.x_train[:32], ds.y_train[:32]
+
+    def extra(model, variables):
+        logits, _ = model.apply(variables, x, train=True)
+        logp = jax.nn.log_softmax(logits)
+        return {"own_loss": float(-np.mean(np.take_along_axis(np.asarray(logp), y[:, None], 1))),
+                "stem_bias": np.asarray(variables["params"]["stem"]["Dense_0"]["bias"])}
+
+    runs = sweep.grid(MODEL, TRAIN, vary={"train.learning_rate": [0.05, 0.2]})
+    result = sweep.run(runs, ds, measure_at=[0, 16], measure_batch_size=32, jacobians=False,
+                       extra_measure=extra, progress=False)
+    for r in result.runs:
+        for m in r.measurements:
+            assert m["own_loss"] == pytest.approx(m["loss"], rel=1e-5)
+            assert len(m["stem_bias"]) == MODEL.width
+    # Different learning rates: the runs' own variables, not one run's.
+    assert result.runs[0].measurements[1]["stem_bias"] != result.runs[1].measurements[1]["stem_bias"]
+    with pytest.raises(ValueError, match="clash"):
+        sweep.run(runs[:1], ds, measure_at=[0], jacobians=False, progress=False,
+                  extra_measure=lambda model, variables: {"loss": 0.0})
+
+
 # ----------------------------------------------------------------------------
 # faults: interrupted and killed sweeps resume; finished groups are not recomputed
 # ----------------------------------------------------------------------------

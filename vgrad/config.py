@@ -22,7 +22,8 @@ INITS = (
     "he_normal", "he_uniform", "orthogonal", "variance_scaling",
 )
 INIT_ALIASES = {"xavier": "glorot_uniform", "kaiming": "he_normal"}
-NORMS = ("none", "batch", "layer")
+NORMS = ("none", "batch", "noisy_batch", "layer")
+BATCH_NORMS = ("batch", "noisy_batch")  # the norms that use batch statistics in training
 RESIDUAL_SCALES = ("inv_sqrt_depth", "learnable_zero")
 RESIDUAL_FORMS = ("preact", "postact", "branch_act")
 OPTIMIZERS = ("sgd", "adam")
@@ -118,8 +119,14 @@ class ModelConfig:
         N(0, init_std^2) regardless of fan-in (the naive init); "orthogonal" has
         gain sqrt(weight_var); "variance_scaling" draws N(0, weight_var / fan_in),
         the mean-field parameterisation. Biases are N(0, bias_var) (0 by default).
-    norm: "none", "batch" (BatchNorm after each Dense) or "layer" (a comparison point).
+    norm: "none", "batch" (BatchNorm after each Dense), "noisy_batch" or "layer"
+        (LayerNorm, a batch-independent comparison point). "noisy_batch" is
+        BatchNorm followed, in training mode only, by z <- s * z + m with a fresh
+        shift m ~ U(-a, a) and scale s ~ U(1/(1+a), 1+a) per unit and step (the
+        same for every example), a = ``bn_noise``: the "noisy BN" of Santurkar et
+        al. (2018), which re-injects distribution shift after normalising.
     bn_momentum / bn_epsilon: running average r <- m r + (1 - m) batch_stat; eps in the variance.
+    bn_noise: a, the noise level of "noisy_batch" (0: plain BatchNorm).
     residual: blocks are residual, in the form ``residual_form``, with branch scale alpha.
     residual_scale: alpha = a number (1.0), "inv_sqrt_depth" (1/sqrt(L)) or
         "learnable_zero" (a learnable scalar per block initialised at 0).
@@ -152,6 +159,7 @@ class ModelConfig:
     norm: str = "none"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    bn_noise: float = 1.0
     residual: bool = False
     residual_scale: float | str = 1.0
     residual_form: str = "preact"
@@ -172,6 +180,7 @@ class ModelConfig:
         _choice("norm", self.norm, NORMS)
         _in_unit_interval("bn_momentum", self.bn_momentum)
         _positive("bn_epsilon", self.bn_epsilon)
+        _at_least("bn_noise", self.bn_noise, 0)
         if not isinstance(self.residual, bool):
             _fail("residual", self.residual, "must be true or false")
         scale = self.residual_scale

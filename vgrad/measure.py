@@ -15,7 +15,10 @@ on one fixed batch (x, y), with BatchNorm in training mode:
   (:func:`vgrad.analysis.gradient_flow`);
 * ``relative_weight_change`` (L,): ||theta_l(t) - theta_l(0)|| / ||theta_l(0)||
   over all parameters of block l, against the parameters measured at step 0
-  (NaN when step 0 was not measured in this process, e.g. after a resume).
+  (NaN when step 0 was not measured in this process, e.g. after a resume);
+* whatever ``extra(model, variables)`` returns for that run (a mapping of
+  names to numbers or arrays), when a study passes one: e.g. accuracy with
+  running against batch statistics, unit percentiles, loss-landscape probes.
 
 The same probe key is used at every step and for every run, so differences
 between runs and steps are not probe noise.
@@ -24,7 +27,7 @@ between runs and steps are not probe noise.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -36,12 +39,16 @@ _STATS = ("activation_mean", "activation_std", "saturated_fraction", "dead_fract
 
 
 def make_measure(model: Any, x: Any, y: Any, *, num_probes: int = 8, seed: int = 0,
-                 products: bool = True) -> Callable[[int, Any, np.ndarray], list[dict]]:
+                 products: bool = True, extra: Callable[[Any, dict], Mapping[str, Any]] | None = None
+                 ) -> Callable[[int, Any, np.ndarray], list[dict]]:
     """The measurement callback for :func:`vgrad.loop.train_group`.
 
     x: (B, ...) inputs, y: (B,) labels of the measurement batch.
     num_probes: random probes of the Jacobian-product estimator.
     products: False skips ``jacobian_products`` (the cheaper gradient-flow part only).
+    extra: ``extra(model, variables) -> {name: value}`` for one run's variables
+        (``{"params", "batch_stats"}``, no run axis); its entries join that run's
+        measurement (names must not clash with the built-in ones).
     """
     x, y = jax.numpy.asarray(x), jax.numpy.asarray(y)
     key = jax.random.key(seed)
@@ -55,6 +62,12 @@ def make_measure(model: Any, x: Any, y: Any, *, num_probes: int = 8, seed: int =
             jac = jacobian_products(model, variables, x, train=True, key=key, num_probes=num_probes)
             out["log10_product_sq_norms"] = jac.log_product_sq_norms / math.log(10)
             out["log10_layer_sq_norms"] = jac.log_layer_sq_norms / math.log(10)
+        if extra is not None:
+            added = dict(extra(model, variables))
+            clash = sorted(set(added) & (set(out) | {"relative_weight_change", "step"}))
+            if clash:
+                raise ValueError(f"extra measurement names {clash} clash with built-in ones")
+            out.update(added)
         return {k: np.asarray(v).tolist() for k, v in out.items()}
 
     initial: dict[str, Any] = {}

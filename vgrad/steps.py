@@ -32,7 +32,7 @@ from flax import struct
 
 from vgrad import parallel
 from vgrad.clipping import adaptive_grad_clip
-from vgrad.config import TrainConfig
+from vgrad.config import BATCH_NORMS, TrainConfig
 from vgrad.data import steps_per_epoch
 
 Batch = dict[str, jax.Array]  # {"x": (B, ...), "y": (B,) int32}
@@ -324,9 +324,9 @@ def check_run(model: Any, train_cfg: TrainConfig, dataset: Any, *, seeds: int = 
     if int(dataset.num_classes) > cfg.num_classes:
         raise ValueError(f"invalid model.num_classes={cfg.num_classes}: dataset {name!r} has "
                          f"{dataset.num_classes} classes (labels up to {int(dataset.num_classes) - 1})")
-    if cfg.norm == "batch" and cfg.arch == "mlp" and batch_size == 1:
+    if cfg.norm in BATCH_NORMS and cfg.arch == "mlp" and batch_size == 1:
         raise ValueError(
-            "invalid train.batch_size=1 with model.norm='batch': BatchNorm in training mode "
+            f"invalid train.batch_size=1 with model.norm={cfg.norm!r}: BatchNorm in training mode "
             "normalises every feature over the batch, and over one example the variance is 0, "
             "so every normalised output equals the BatchNorm bias and the input is ignored. "
             "Use train.batch_size >= 2, or model.norm='layer' or 'none'.")

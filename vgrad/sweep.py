@@ -32,7 +32,7 @@ import itertools
 import math
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +267,7 @@ def _load_finished(group_dir: Path, config: dict) -> dict | None:
 
 def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: Sequence[int] = (),
         measure_batch_size: int = 64, num_probes: int = 8, jacobians: bool = True,
+        extra_measure: Callable[[Any, dict], Mapping[str, Any]] | None = None,
         progress: bool = True, log_every: int = 1, mesh: Any = None,
         checkpoint_every: int | None = None, resume: bool = False,
         steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH, writers: Sequence[Any] = ()) -> SweepResult:
@@ -276,7 +277,10 @@ def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: S
         end) at which each run's gradient flow is measured on the first
         ``measure_batch_size`` training examples (see :mod:`vgrad.measure`;
         ``jacobians=False`` skips the Jacobian products, ``num_probes`` sets
-        their probes).
+        their probes). extra_measure: ``f(model, variables) -> {name: value}``,
+        called for each run (its own variables, no run axis) at the same steps;
+        its entries join the run's measurements (e.g. eval-mode accuracy, unit
+        percentiles, loss along the gradient).
     run_dir: where each group writes ``groups/<g>/``; None writes nothing.
     checkpoint_every: checkpoint every this many steps (default: a quarter of
         the run); needs ``run_dir``. resume: continue a sweep in ``run_dir``.
@@ -317,7 +321,7 @@ def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: S
                 break
             if saved is None:
                 saved = _train_one_group(runs, indices, dataset, g, group_dir, config, at, x_measure,
-                                         y_measure, num_probes, jacobians, bar, log_every, mesh,
+                                         y_measure, num_probes, jacobians, extra_measure, bar, log_every, mesh,
                                          checkpoint_every, resume, steps_per_dispatch, num_steps,
                                          writers)
             else:
@@ -336,7 +340,7 @@ def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: S
 
 
 def _train_one_group(runs, indices, dataset, g, group_dir, config, at, x_measure, y_measure,
-                     num_probes, jacobians, bar, log_every, mesh, checkpoint_every, resume,
+                     num_probes, jacobians, extra_measure, bar, log_every, mesh, checkpoint_every, resume,
                      steps_per_dispatch, num_steps, writers) -> dict:
     """Train group g; write and return its result (config, status, per-run outcomes)."""
     group_runs = [runs[i] for i in indices]
@@ -344,7 +348,7 @@ def _train_one_group(runs, indices, dataset, g, group_dir, config, at, x_measure
     model = models[group_runs[0].model]
     specs = [RunSpec(models[r.model], r.train, (("run", i),)) for r, i in zip(group_runs, indices)]
     measure = make_measure(model, x_measure, y_measure, num_probes=num_probes,
-                           products=jacobians) if at else None
+                           products=jacobians, extra=extra_measure) if at else None
     if group_dir is not None and checkpoint_every is None:
         checkpoint_every = max(1, -(-num_steps // 4))
     can_resume = resume and group_dir is not None and bool(

@@ -83,11 +83,13 @@ class Layer(nn.Module):
                  alpha: jax.Array | float = 1.0) -> jax.Array:
         cfg = self.cfg
         z = self._maybe_identity("dense", linear_module(cfg), h) if self.linear else h
-        if cfg.norm == "batch":
+        if cfg.norm in ("batch", "noisy_batch"):
             # Batch statistics reduce over every axis but the feature axis; under
             # jit with a sharded batch the mean is over the global batch.
-            norm = nn.BatchNorm(use_running_average=not self.train, momentum=cfg.bn_momentum,
-                                epsilon=cfg.bn_epsilon)
+            kind = NoisyBatchNorm if cfg.norm == "noisy_batch" else nn.BatchNorm
+            extra = {"noise": cfg.bn_noise} if cfg.norm == "noisy_batch" else {}
+            norm = kind(use_running_average=not self.train, momentum=cfg.bn_momentum,
+                        epsilon=cfg.bn_epsilon, **extra)
             z = self._maybe_identity("norm", norm, z)
         elif cfg.norm == "layer":
             z = self._maybe_identity("norm", nn.LayerNorm(epsilon=cfg.bn_epsilon), z)
@@ -101,6 +103,44 @@ class Layer(nn.Module):
                                (cfg.width,))
         act = activation_fn(cfg.activation, leaky_slope=cfg.leaky_slope, prelu_slope=slope)
         return self._maybe_identity("activation", act, z)
+
+
+class NoisyBatchNorm(nn.Module):
+    """BatchNorm followed, in training mode, by z <- s * z + m ("noisy BN",
+    Santurkar et al. 2018): per feature and per training step a fresh shift
+    m ~ U(-noise, noise) and scale s ~ U(1/(1+noise), 1+noise), shared by every
+    example of the batch, so each layer's input distribution moves at every
+    step however well BatchNorm has normalised it. Evaluation mode is plain
+    BatchNorm (running averages, no noise).
+
+    The noise needs no random key from the train step: each layer draws a seed
+    at initialisation (``batch_stats/noise_seed``) and counts its training
+    applications (``batch_stats/noise_step``), so every run of a sweep has its
+    own noise sequence and a resumed run continues it.
+    z: (..., features) -> (..., features).
+    """
+
+    use_running_average: bool
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    noise: float = 1.0
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        z = nn.BatchNorm(use_running_average=self.use_running_average, momentum=self.momentum,
+                         epsilon=self.epsilon)(z)
+        seed = self.variable("batch_stats", "noise_seed",
+                             lambda: jax.random.bits(self.make_rng("params"), (), jnp.uint32))
+        count = self.variable("batch_stats", "noise_step", lambda: jnp.zeros((), jnp.uint32))
+        if self.use_running_average or self.is_initializing():
+            return z
+        shift_key, scale_key = jax.random.split(jax.random.fold_in(jax.random.key(seed.value),
+                                                                   count.value))
+        count.value = count.value + 1
+        a = self.noise
+        m = jax.random.uniform(shift_key, z.shape[-1:], z.dtype, -a, a)
+        s = jax.random.uniform(scale_key, z.shape[-1:], z.dtype, 1 / (1 + a), 1 + a)
+        return s * z + m
 
 
 def stem_activates(cfg: ModelConfig) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from vgrad.config import ModelConfig
+from vgrad.config import BATCH_NORMS, ModelConfig
 from vgrad.models.blocks import SUBLAYER_KINDS, Block, Network
 from vgrad.models.layered import identity_mask
 
@@ -34,7 +34,7 @@ class LayeredModel:
 
     @property
     def has_batch_stats(self) -> bool:
-        return self.cfg.norm == "batch"
+        return self.cfg.norm in BATCH_NORMS
 
     def _network(self, train: bool, identity_sublayers: Sequence[str] = (),
                  collect: bool = False) -> Network:
