@@ -89,8 +89,10 @@ def _perturbed(variables, seed=0):
     leaves, treedef = jax.tree_util.tree_flatten(variables["params"])
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     params = treedef.unflatten([a + 0.2 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
-    stats = jax.tree_util.tree_map(lambda a: a + 0.3 * jax.random.uniform(KEY, a.shape),
-                                   variables["batch_stats"])
+    # The running averages move; the residual scale alpha (also in batch_stats) stays cfg's.
+    moved = lambda path, a: a if path[-1].key == "residual_scale" else \
+        a + 0.3 * jax.random.uniform(KEY, a.shape)
+    stats = jax.tree_util.tree_map_with_path(moved, variables["batch_stats"])
     return {"params": params, "batch_stats": stats}
 
 

@@ -149,6 +149,25 @@ def test_diverged_state_is_finite_and_equals_fit_stopping_there(ds, lr_sweep):
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(alone.state))
 
 
+def test_numeric_residual_scales_are_values_of_one_program(ds):
+    """alpha is a variable (batch_stats/residual_scale): runs that differ in it share one
+    group, and each equals ``fit`` on its own model; the named scales stay programs."""
+    model = dataclasses.replace(MODEL, residual=True, norm="none")
+    runs = sweep.grid(model, TRAIN, vary={"model.residual_scale": [0.0, 0.5, 2.0]})
+    runs += sweep.grid(model, TRAIN, vary={"model.residual_scale": ["inv_sqrt_depth"]})
+    assert sweep.groups(runs) == [[0, 1, 2], [3]]
+    variables = build(runs[1].model).init(jax.random.key(0), ds.x_train[:4])
+    np.testing.assert_array_equal(variables["batch_stats"]["blocks"]["block"]["residual_scale"],
+                                  np.full(model.depth, 0.5, np.float32))
+    result = sweep.run(runs[:3], ds, progress=False)
+    finals = []
+    for r, got in zip(runs[:3], result.runs):
+        alone = fit(build(r.model), r.train, ds, progress=False)
+        np.testing.assert_allclose(got.final["train_loss"], alone.final["train_loss"], rtol=1e-6)
+        finals.append(got.final["train_loss"])
+    assert len(set(finals)) == 3  # the scale changed the function
+
+
 def test_new_learning_rates_do_not_recompile(ds):
     programs.programs_cache_clear()
     model = build(MODEL)

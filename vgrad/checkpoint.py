@@ -43,7 +43,8 @@ from vgrad.config import ModelConfig, TrainConfig
 CHECKPOINT_SUBDIR = "checkpoints"
 # 2: optimiser hyperparameters live in the optimiser state (optax.inject_hyperparams),
 # runs of a group are stacked, and metadata records each run's status.
-FORMAT_VERSION = 2
+# 3: a numeric residual scale is a variable (batch_stats/residual_scale).
+FORMAT_VERSION = 3
 # Config fields that may differ between a checkpoint and the run resuming it:
 # where the data files or the cache live does not change the data (the dataset
 # fingerprint, which is compared, does).
@@ -146,7 +147,7 @@ class RunCheckpointer:
             raise ValueError(
                 f"the checkpoint at step {step} in {self.directory} has format {meta.get('format', 1)}, "
                 f"written by another vgrad version; this version reads format {FORMAT_VERSION} "
-                "(its optimiser state is laid out differently): start the run again")
+                "(its state is laid out differently): start the run again")
         return meta
 
     # -- save / restore ----------------------------------------------------------

@@ -287,8 +287,13 @@ MODEL_INIT_FIELDS = {"init": "normal", "init_std": 1.0, "weight_var": 1.0, "bias
 
 
 def without_init(cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` with :data:`MODEL_INIT_FIELDS` set to fixed values."""
-    return dataclasses.replace(cfg, **MODEL_INIT_FIELDS)
+    """``cfg`` with :data:`MODEL_INIT_FIELDS` set to fixed values, and a numeric
+    ``residual_scale`` set to 1.0: the model reads alpha from its variables
+    (``batch_stats/residual_scale``, set by ``init``), so it too is an init value."""
+    fixed = dict(MODEL_INIT_FIELDS)
+    if not isinstance(cfg.residual_scale, str):
+        fixed["residual_scale"] = 1.0
+    return dataclasses.replace(cfg, **fixed)
 
 
 def to_dict(cfg: Any) -> dict:

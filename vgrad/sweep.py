@@ -14,8 +14,8 @@ product) or :func:`variants` (named techniques), and concatenate lists freely::
 without its initialiser; the optimiser kind, clip kind, schedule, batch size
 and run length) and trains each group as one vmapped, jitted program
 (:func:`vgrad.loop.train_group`): seeds, learning rates, momenta, weight
-decays, clip values, initialisers and init scales of a group are values, not
-programs, so a new learning rate never recompiles. A run that diverges is
+decays, clip values, initialisers, init scales and numeric residual scales
+(a variable of the model) of a group are values, not programs, so a new learning rate never recompiles. A run that diverges is
 frozen and marked "diverged" while the rest of its group trains on.
 
 With ``run_dir``, every group writes ``groups/<g>/`` (metrics.jsonl,

@@ -178,12 +178,21 @@ class Block(nn.Module):
 
 
 def residual_alpha(module: nn.Module, cfg: ModelConfig) -> jax.Array | float:
-    """The branch scale alpha of a residual block."""
+    """The branch scale alpha of a residual block.
+
+    A numeric ``residual_scale`` is a variable of the block, not a constant of
+    the program: ``batch_stats/residual_scale`` (the collection of everything a
+    model carries but does not train) is set at initialisation and read by
+    every apply, so runs that differ only in alpha share one compiled program
+    and train side by side in a sweep. The model applies the alpha its
+    variables were initialised with.
+    """
     if cfg.residual_scale == "learnable_zero":
         return module.param("residual_alpha", nn.initializers.zeros, ())
     if cfg.residual_scale == "inv_sqrt_depth":
         return 1.0 / math.sqrt(cfg.depth)
-    return float(cfg.residual_scale)
+    return module.variable("batch_stats", "residual_scale",
+                           lambda: jnp.asarray(cfg.residual_scale, jnp.float32)).value
 
 
 class _ScanStep(nn.Module):
