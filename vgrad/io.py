@@ -120,6 +120,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path`` (NaN/inf kept as the strings :func:`to_jsonable` wrote;
+    :func:`from_jsonable` turns them back into floats)."""
     with open(path) as f:
         return json.load(f)
 

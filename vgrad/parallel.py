@@ -88,6 +88,7 @@ def batch_sharding(mesh: Mesh, seeds: int = 1) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A sharding that places a full copy of an array on every device of ``mesh``."""
     return NamedSharding(mesh, P())
 
 
