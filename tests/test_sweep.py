@@ -239,9 +239,16 @@ def test_extra_measure_sees_each_runs_own_variables(ds):
             assert len(m["stem_bias"]) == MODEL.width
     # Different learning rates: the runs' own variables, not one run's.
     assert result.runs[0].measurements[1]["stem_bias"] != result.runs[1].measurements[1]["stem_bias"]
+    # Without the built-in gradient flow: the same extra values, and nothing else measured.
+    alone = sweep.run(runs, ds, measure_at=[0, 16], measure_batch_size=32, jacobians=False,
+                      gradient_flow=False, extra_measure=extra, progress=False)
+    for r, ref in zip(alone.runs, result.runs):
+        for m, m_ref in zip(r.measurements, ref.measurements):
+            assert set(m) == {"step", "own_loss", "stem_bias", "relative_weight_change"}
+            assert m["own_loss"] == m_ref["own_loss"] and m["stem_bias"] == m_ref["stem_bias"]
     with pytest.raises(ValueError, match="clash"):
-        sweep.run(runs[:1], ds, measure_at=[0], jacobians=False, progress=False,
-                  extra_measure=lambda model, variables: {"loss": 0.0})
+        sweep.run(runs[:1], ds, measure_at=[0], jacobians=False, gradient_flow=False,
+                  progress=False, extra_measure=lambda model, variables: {"loss": 0.0})
 
 
 # ----------------------------------------------------------------------------

@@ -36,16 +36,23 @@ import numpy as np
 from vgrad.analysis import gradient_flow, jacobian_products
 
 _STATS = ("activation_mean", "activation_std", "saturated_fraction", "dead_fraction")
+# Every name a built-in measurement may use (an extra measurement must not reuse one).
+BUILTIN_NAMES = frozenset({"step", "loss", "weight_grad_norms", "hidden_grad_norms", *_STATS,
+                           "log10_product_sq_norms", "log10_layer_sq_norms",
+                           "relative_weight_change"})
 
 
 def make_measure(model: Any, x: Any, y: Any, *, num_probes: int = 8, seed: int = 0,
-                 products: bool = True, extra: Callable[[Any, dict], Mapping[str, Any]] | None = None
+                 products: bool = True, flow: bool = True,
+                 extra: Callable[[Any, dict], Mapping[str, Any]] | None = None
                  ) -> Callable[[int, Any, np.ndarray], list[dict]]:
     """The measurement callback for :func:`vgrad.loop.train_group`.
 
     x: (B, ...) inputs, y: (B,) labels of the measurement batch.
     num_probes: random probes of the Jacobian-product estimator.
     products: False skips ``jacobian_products`` (the cheaper gradient-flow part only).
+    flow: False skips ``gradient_flow`` (loss, gradient norms, activation statistics),
+        e.g. when a study only wants its ``extra`` measurement.
     extra: ``extra(model, variables) -> {name: value}`` for one run's variables
         (``{"params", "batch_stats"}``, no run axis); its entries join that run's
         measurement (names must not clash with the built-in ones).
@@ -54,17 +61,19 @@ def make_measure(model: Any, x: Any, y: Any, *, num_probes: int = 8, seed: int =
     key = jax.random.key(seed)
 
     def measure_one(variables: dict) -> dict:
-        flow = gradient_flow(model, variables, {"x": x, "y": y}, train=True)
-        out = {"loss": float(flow.loss), "weight_grad_norms": flow.weight_grad_norms,
-               "hidden_grad_norms": flow.hidden_grad_norms,
-               **{name: getattr(flow, name) for name in _STATS}}
+        out = {}
+        if flow:
+            grads = gradient_flow(model, variables, {"x": x, "y": y}, train=True)
+            out = {"loss": float(grads.loss), "weight_grad_norms": grads.weight_grad_norms,
+                   "hidden_grad_norms": grads.hidden_grad_norms,
+                   **{name: getattr(grads, name) for name in _STATS}}
         if products:
             jac = jacobian_products(model, variables, x, train=True, key=key, num_probes=num_probes)
             out["log10_product_sq_norms"] = jac.log_product_sq_norms / math.log(10)
             out["log10_layer_sq_norms"] = jac.log_layer_sq_norms / math.log(10)
         if extra is not None:
             added = dict(extra(model, variables))
-            clash = sorted(set(added) & (set(out) | {"relative_weight_change", "step"}))
+            clash = sorted(set(added) & BUILTIN_NAMES)
             if clash:
                 raise ValueError(f"extra measurement names {clash} clash with built-in ones")
             out.update(added)

@@ -267,8 +267,8 @@ def _load_finished(group_dir: Path, config: dict) -> dict | None:
 
 def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: Sequence[int] = (),
         measure_batch_size: int = 64, num_probes: int = 8, jacobians: bool = True,
-        extra_measure: Callable[[Any, dict], Mapping[str, Any]] | None = None,
-        progress: bool = True, log_every: int = 1, mesh: Any = None,
+        gradient_flow: bool = True,
+        extra_measure: Callable[[Any, dict], Mapping[str, Any]] | None = None, progress: bool = True, log_every: int = 1, mesh: Any = None,
         checkpoint_every: int | None = None, resume: bool = False,
         steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH, writers: Sequence[Any] = ()) -> SweepResult:
     """Train every run of ``runs`` on ``dataset``; return a :class:`SweepResult`.
@@ -277,7 +277,8 @@ def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: S
         end) at which each run's gradient flow is measured on the first
         ``measure_batch_size`` training examples (see :mod:`vgrad.measure`;
         ``jacobians=False`` skips the Jacobian products, ``num_probes`` sets
-        their probes). extra_measure: ``f(model, variables) -> {name: value}``,
+        their probes; ``gradient_flow=False`` skips the gradient norms and
+        activation statistics). extra_measure: ``f(model, variables) -> {name: value}``,
         called for each run (its own variables, no run axis) at the same steps;
         its entries join the run's measurements (e.g. eval-mode accuracy, unit
         percentiles, loss along the gradient).
@@ -305,6 +306,8 @@ def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: S
     start = time.perf_counter()
     index_groups = groups(runs)
     lengths = {g: total_steps(runs[idx[0]].train, dataset.num_train) for g, idx in enumerate(index_groups)}
+    measuring = dict(num_probes=num_probes, products=jacobians, flow=gradient_flow,
+                     extra=extra_measure)  # make_measure's options
     x_measure = np.asarray(dataset.x_train[:measure_batch_size])
     y_measure = np.asarray(dataset.y_train[:measure_batch_size])
     results: list[RunResult | None] = [None] * len(runs)
@@ -321,7 +324,7 @@ def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: S
                 break
             if saved is None:
                 saved = _train_one_group(runs, indices, dataset, g, group_dir, config, at, x_measure,
-                                         y_measure, num_probes, jacobians, extra_measure, bar, log_every, mesh,
+                                         y_measure, measuring, bar, log_every, mesh,
                                          checkpoint_every, resume, steps_per_dispatch, num_steps,
                                          writers)
             else:
@@ -340,15 +343,14 @@ def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: S
 
 
 def _train_one_group(runs, indices, dataset, g, group_dir, config, at, x_measure, y_measure,
-                     num_probes, jacobians, extra_measure, bar, log_every, mesh, checkpoint_every, resume,
+                     measuring, bar, log_every, mesh, checkpoint_every, resume,
                      steps_per_dispatch, num_steps, writers) -> dict:
     """Train group g; write and return its result (config, status, per-run outcomes)."""
     group_runs = [runs[i] for i in indices]
     models = {cfg: build(cfg) for cfg in dict.fromkeys(r.model for r in group_runs)}
     model = models[group_runs[0].model]
     specs = [RunSpec(models[r.model], r.train, (("run", i),)) for r, i in zip(group_runs, indices)]
-    measure = make_measure(model, x_measure, y_measure, num_probes=num_probes,
-                           products=jacobians, extra=extra_measure) if at else None
+    measure = make_measure(model, x_measure, y_measure, **measuring) if at else None
     if group_dir is not None and checkpoint_every is None:
         checkpoint_every = max(1, -(-num_steps // 4))
     can_resume = resume and group_dir is not None and bool(

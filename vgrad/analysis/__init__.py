@@ -25,6 +25,7 @@ from vgrad.analysis.gradients import SATURATION_THRESHOLD, GradientReport, gradi
 from vgrad.analysis.jacobians import (JacobianReport, chain_fn, dense_jacobian,
                                       jacobian_products, jacobian_spectrum,
                                       top_singular_values)
+from vgrad.analysis.landscape import gradient_direction_probe
 
 _LAZY = {
     "plot_layer_curves": "vgrad.analysis.plots",
@@ -36,7 +37,8 @@ _LAZY = {
 
 __all__ = [
     "GradientReport", "JacobianReport", "SATURATION_THRESHOLD", "chain_fn", "dense_jacobian",
-    "gradient_flow", "jacobian_products", "jacobian_spectrum", "theory", "top_singular_values",
+    "gradient_direction_probe", "gradient_flow", "jacobian_products", "jacobian_spectrum", "theory",
+    "top_singular_values",
     *_LAZY,
 ]
 
