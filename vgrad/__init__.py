@@ -4,7 +4,9 @@ Submodules: ``config`` (validated configs), ``models`` (layered models with
 every mitigation), ``data`` (offline datasets), ``train`` (training: ``fit``,
 state, jitted steps; from ``steps`` and ``loop``), ``sweep`` (grids of runs),
 ``measure`` (gradient flow during training), ``study`` and ``plots`` (what
-experiments share), ``analysis`` (Jacobian products, gradient flow, mean-field
+experiments share), ``batchnorm`` (BN variable counts, population statistics),
+``batch_noise`` (spread of batch statistics), ``trainable_range`` (the range of
+a hyperparameter that trains), ``writers`` (TensorBoard / W&B), ``analysis`` (Jacobian products, gradient flow, mean-field
 theory), ``checkpoint``, ``parallel``, ``io``.
 
 Every submodule is an attribute of the package, imported on first use:
@@ -15,9 +17,9 @@ stays cheap (no JAX import, no I/O, nothing allocated on a device).
 from vgrad.config import DataConfig, ModelConfig, TrainConfig
 
 # Submodules reachable as ``vgrad.<name>``, imported lazily by __getattr__.
-SUBMODULES = ("analysis", "checkpoint", "cli", "clipping", "config", "data", "group_records",
-              "io", "loop", "measure", "models", "parallel", "plots", "programs", "steps", "study",
-              "sweep", "train")
+SUBMODULES = ("analysis", "batch_noise", "batchnorm", "checkpoint", "cli", "clipping", "config",
+              "data", "group_records", "io", "loop", "measure", "models", "parallel", "plots",
+              "programs", "steps", "study", "sweep", "train", "trainable_range", "writers")
 
 __all__ = ["DataConfig", "ModelConfig", "TrainConfig", *SUBMODULES]
 __version__ = "0.1.0"
