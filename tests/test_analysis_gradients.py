@@ -210,3 +210,26 @@ def test_activation_statistics():
     model, variables, x, train = case("conv-relu-bn-residual-train")
     rep = gradient_flow(model, variables, {"x": x, "y": jnp.array([0, 1, 2])}, train=train)
     assert np.all((rep.dead_fraction > 0.2) & (rep.dead_fraction < 0.8))
+
+
+def test_vanishing_weight_gradients_are_reported_not_zero():
+    """A naive sigmoid network's early-block gradients are ~1e-30: gradient_flow reports
+    their norms as float64 computes them from the float32 gradient, not as 0."""
+    cfg = ModelConfig(depth=12, width=16, num_classes=3, activation="sigmoid", init="normal",
+                      init_std=0.01)
+    model = vgrad.models.build(cfg)
+    x = jax.random.normal(jax.random.key(0), (8, 5))
+    y = jnp.arange(8) % 3
+    variables = model.init(jax.random.key(1), x)
+
+    def loss(params):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    grads = jax.grad(loss)(variables["params"])
+    leaves = [np.asarray(a, np.float64).reshape(cfg.depth, -1)
+              for a in jax.tree_util.tree_leaves(grads["blocks"])]
+    expected = np.sqrt(sum((a**2).sum(1) for a in leaves))
+    assert expected[0] < 1e-20 < expected[0] * 1e30  # tiny, yet representable
+    got = gradient_flow(model, variables, {"x": x, "y": y}).weight_grad_norms
+    np.testing.assert_allclose(got, expected, rtol=1e-4)

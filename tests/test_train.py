@@ -9,6 +9,7 @@ import pytest
 from vgrad import ModelConfig, TrainConfig, data
 from vgrad.models import build
 from vgrad.loop import fit
+from vgrad.steps import block_norms, part_norms
 from vgrad.train import create_state, make_eval_step, make_optimizer, make_train_step
 
 KEY = jax.random.key(0)
@@ -147,3 +148,18 @@ def test_mlp_beats_chance_and_logistic_regression_on_mnist1d(tmp_path_factory):
     accuracy = result.final["test_accuracy"]
     assert accuracy > 0.1 + 0.3, accuracy  # chance is 0.1
     assert accuracy > logistic + 0.1, (accuracy, logistic)
+
+
+def test_gradient_norms_of_vanishing_and_huge_gradients_are_not_lost():
+    """Block norms are scaled before squaring: float32 sqrt(sum(g^2)) is exactly 0 below
+    ~1e-19 and inf above ~1e19; the scaled norm matches float64 across 60 decades."""
+    rng = np.random.default_rng(0)
+    scales = np.array([1e-30, 1e-21, 1.0, 1e21, 0.0])
+    kernel = rng.normal(size=(5, 4, 3)) * scales[:, None, None]
+    bias = rng.normal(size=(5, 3)) * scales[:, None]
+    tree = {"blocks": {"k": jnp.asarray(kernel, jnp.float32), "b": jnp.asarray(bias, jnp.float32)},
+            "stem": {"w": jnp.asarray(kernel[0], jnp.float32)}}
+    expected = np.sqrt((kernel.reshape(5, -1) ** 2).sum(1) + (bias**2).sum(1))
+    np.testing.assert_allclose(np.asarray(block_norms(tree)), expected, rtol=1e-5)
+    assert float(block_norms(tree)[-1]) == 0.0
+    np.testing.assert_allclose(float(part_norms(tree)["stem"]), np.linalg.norm(kernel[0]), rtol=1e-5)

@@ -22,15 +22,14 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
+# No matplotlib.use() here: a library that picks the backend at import would switch
+# off a notebook's inline figures; without a display matplotlib falls back to Agg.
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
-
-from vgrad.analysis.plots import save  # noqa: E402,F401  (re-exported: one atomic save)
+from vgrad.analysis.plots import save  # noqa: F401  (re-exported: one atomic save)
 
 # Mitigations: one colour each, in every study and figure.
 TECHNIQUE_COLORS = {

@@ -21,7 +21,8 @@ recompiles.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -163,16 +164,29 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def scaled_norms(arrays: Sequence[jax.Array]) -> jax.Array:
+    """L2 norm per row over several arrays that share their leading axis: (R, ...) each -> (R,).
+
+    Scaled by the largest magnitude before squaring, so that norms of vanishing
+    gradients are not lost: a plain sqrt(sum(g^2)) in float32 is exactly 0 once
+    |g| < ~1e-19 (g^2 underflows), and overflows once |g| > ~1e19.
+    """
+    rows = [a.reshape(a.shape[0], -1) for a in arrays]
+    scale = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(r), axis=1) for r in rows])
+    safe = jnp.where(scale > 0, scale, 1.0)[:, None]
+    sq = sum(jnp.sum(jnp.square(r / safe), axis=1) for r in rows)
+    return jnp.where(scale > 0, scale * jnp.sqrt(sq), 0.0)
+
+
 def block_norms(tree: Any) -> jax.Array:
     """L2 norm per block of a params-shaped tree, shape (L,) (blocks are stacked on axis 0)."""
-    leaves = jax.tree_util.tree_leaves(tree["blocks"])
-    sq = sum(jnp.sum(jnp.square(a).reshape(a.shape[0], -1), axis=1) for a in leaves)
-    return jnp.sqrt(sq)
+    return scaled_norms(jax.tree_util.tree_leaves(tree["blocks"]))
 
 
 def part_norms(tree: Any) -> dict[str, jax.Array]:
     """L2 norm of every top-level part but the blocks: {"stem": (), "head": ()}."""
-    return {name: optax.tree.norm(sub) for name, sub in tree.items() if name != "blocks"}
+    return {name: scaled_norms([a[None] for a in jax.tree_util.tree_leaves(sub)])[0]
+            for name, sub in tree.items() if name != "blocks"}
 
 
 def all_finite(tree: Any) -> jax.Array:

@@ -38,7 +38,7 @@ from vgrad.models.activations import RECTIFIED
 from vgrad.models.blocks import SUBLAYER_KINDS, Block, Layer, Network
 from vgrad.models.layered import GRADIENT_FLOW_ATTRIBUTES, check_protocol, identity_mask
 from vgrad.models.model import LayeredModel
-from vgrad.steps import block_norms, part_norms
+from vgrad.steps import block_norms, part_norms, scaled_norms
 
 # A saturating unit counts as saturated when its derivative is below this
 # fraction of the activation's maximal derivative (which is at 0 for all of
@@ -223,10 +223,10 @@ def _gradient_flow_fn(key: Any, train: bool, identity_sublayers: tuple[str, ...]
                      else model.block_fn(variables, l, train=train))
             _, vjp = jax.vjp(block, hs[l - 1])
             g_prev = jnp.where(mask[l - 1], g, vjp(g)[0])
-            return g_prev, jnp.sqrt(jnp.sum(g_prev**2))
+            return g_prev, scaled_norms([g_prev[None]])[0]
 
         _, below = jax.lax.scan(back, g_top, jnp.arange(L, 0, -1))
-        hidden = jnp.concatenate([below[::-1], jnp.sqrt(jnp.sum(g_top**2))[None]])
+        hidden = jnp.concatenate([below[::-1], scaled_norms([g_top[None]])])
 
         # The same per-part norms as the training step's metrics.
         weight = block_norms(grads)
