@@ -30,14 +30,14 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+from matplotlib.figure import Figure
 
 from vgrad import io, plots, study
-from vgrad.study import StudyArgs, markdown_table
+from vgrad.study import VERDICTS, StudyArgs, markdown_table
 
 NAME = "batchnorm"
 STUDIES = ("bn_vs_none", "bn_batch_size", "bn_learning_rate", "bn_init", "bn_train_eval",
            "bn_distribution", "bn_regularization", "bn_depth", "bn_smoothness")
-VERDICTS = ("holds", "holds partly", "does not hold here")
 VERDICT_COLORS = {"holds": "#1b7837", "holds partly": "#b8860b", "does not hold here": "#b2182b"}
 
 
@@ -139,6 +139,33 @@ def figure_overview(entries: list[dict]):
     return fig
 
 
+def figure_scoreboard(entries: list[dict]):
+    """One row per claim, grouped by study: the claim and its verdict, coloured."""
+    rows = [(e["study"], c["claim"], c["verdict"]) for e in entries for c in e["claims"]]
+    fig = Figure(figsize=(13, 0.34 * max(len(rows), 1) + 1.0))
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.axis("off")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(len(rows) + 1.6, -0.2)
+    ax.text(0.01, 0.3, "The BatchNorm study: each claim against its measurement", fontsize=14,
+            weight="bold", va="center")
+    previous = None
+    for i, (name, claim, verdict) in enumerate(rows, start=1):
+        y = i + 0.4
+        if name != previous:
+            ax.axhline(y - 0.5, color="0.75", lw=0.8)
+            ax.text(0.01, y, name, fontsize=10, va="center", family="monospace", color="0.25")
+            previous = name
+        text = claim if len(claim) <= 95 else claim[:94] + "…"
+        ax.text(0.165, y, text, fontsize=10, va="center")
+        ax.text(0.985, y, verdict, fontsize=10, va="center", ha="right", color="white",
+                weight="bold", bbox=dict(boxstyle="round,pad=0.25", fc=VERDICT_COLORS[verdict],
+                                         ec="none"))
+    if not rows:
+        ax.text(0.5, 1.2, "no study has been run", ha="center")
+    return fig
+
+
 def body(s: study.Study) -> dict:
     args: Args = s.args
     out = Path(args.out)
@@ -155,7 +182,8 @@ def body(s: study.Study) -> dict:
                 run_dir = None if s.interrupted else Path(results["run_dir"])
         entries.append(collect(name, run_dir, s.run_dir))
     counts = verdict_counts(entries)
-    path = s.save_figure(figure_overview(entries), "summary", headline=True)
+    path = s.save_figure(figure_scoreboard(entries), "summary", headline=True)
+    overview = s.save_figure(figure_overview(entries), "overview")
 
     rep = s.report
     rep.title = "The BatchNorm study: claims against measurements"
@@ -174,7 +202,8 @@ def body(s: study.Study) -> dict:
                   "do not hold in these measurements.")
     rep.add("Conclusion", conclusion + "\n\n" + "\n\n".join(
         f"**{e['study']}**: {e['conclusion']}" for e in entries if e.get("conclusion")))
-    rep.add("Figures", f"![overview]({path})")
+    rep.add("Figures", f"![claims and verdicts]({path})\n\nEvery study's headline figure "
+            f"(full resolution):\n\n![overview]({overview})")
     return {"entries": entries, "verdict_counts": counts, "conclusion": conclusion,
             "claims": [{"study": e["study"], **c} for e in entries for c in e["claims"]]}
 

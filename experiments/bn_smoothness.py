@@ -63,10 +63,9 @@ import numpy as np
 from vgrad import ModelConfig, TrainConfig, data, plots, study, sweep
 from vgrad.analysis import gradient_direction_probe
 from vgrad.models import build
-from vgrad.study import StudyArgs, markdown_table
+from vgrad.study import VERDICTS, StudyArgs, markdown_table
 
 NAME = "bn_smoothness"
-VERDICTS = ("holds", "holds partly", "does not hold here")
 SMOOTHNESS = {  # measurement key -> (axis label, title)
     "loss_variation": ("max - min of L(θ - ηg)", "Loss variation along the gradient"),
     "gradient_predictiveness": (r"max $\|\nabla L(\theta) - \nabla L(\theta - \eta g)\|$",

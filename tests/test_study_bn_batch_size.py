@@ -7,8 +7,8 @@ import pytest
 
 from experiments import bn_batch_size
 from studies_setup import run_quick
+from vgrad.study import VERDICTS
 
-VERDICTS = {"holds", "holds partly", "does not hold here"}
 
 
 @pytest.fixture(scope="module")

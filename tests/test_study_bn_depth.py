@@ -9,10 +9,10 @@ import pytest
 
 from experiments import bn_depth
 from studies_setup import run_quick
+from vgrad.study import VERDICTS
 from vgrad import ModelConfig, data, models
 from vgrad.analysis import gradient_flow
 
-VERDICTS = {"holds", "holds partly", "does not hold here"}
 
 
 @pytest.fixture(scope="module")

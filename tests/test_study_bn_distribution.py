@@ -9,9 +9,9 @@ import pytest
 
 from experiments import bn_distribution
 from studies_setup import run_quick
+from vgrad.study import VERDICTS
 from vgrad import ModelConfig, data, models
 
-VERDICTS = {"holds", "holds partly", "does not hold here"}
 
 
 @pytest.fixture(scope="module")

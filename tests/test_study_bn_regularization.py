@@ -5,8 +5,8 @@ import pytest
 
 from experiments import bn_regularization
 from studies_setup import run_quick
+from vgrad.study import VERDICTS
 
-VERDICTS = {"holds", "holds partly", "does not hold here"}
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,10 @@ from vgrad import sweep as vsweep
 from vgrad.writers import make_writers
 
 
+# What a study may conclude about a claim (results["claims"][i]["verdict"]).
+VERDICTS = ("holds", "holds partly", "does not hold here")
+
+
 @dataclasses.dataclass(frozen=True)
 class StudyArgs:
     """Arguments every study takes (a study's own Args extend this)."""
