@@ -54,8 +54,10 @@ import math
 import sys
 
 import jax
-import numpy as np
+import matplotlib
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+import numpy as np
 
 from vgrad import ModelConfig, TrainConfig, data, plots, study, sweep
 from vgrad import trainable_range as tr
@@ -488,8 +490,6 @@ def figure_summary(cells: list[dict], size: dict):
     """Top: final test accuracy against the init scale; bottom: log10 ||P_0||^2/n at init,
     with the mean-field prediction (no BN). One column per activation; named initialisers
     as markers at their equivalent std."""
-    from matplotlib.lines import Line2D
-
     acts = size["activations"]
     fig, axes = plots.figure(len(acts), 2, width=5.0, height=3.6)
     floor = {}
@@ -554,8 +554,6 @@ def figure_summary(cells: list[dict], size: dict):
 def figure_products(cells: list[dict], size: dict):
     """log10 ||P_l||^2/n at init against layer l, one line per init scale; rows: no BN /
     BN, columns: activation."""
-    import matplotlib
-
     acts = size["activations"]
     fig, axes = plots.figure(len(acts), 2, width=4.6, height=3.3)
     cmap = matplotlib.colormaps["viridis"]

@@ -44,6 +44,7 @@ import dataclasses
 import math
 import sys
 
+from matplotlib.lines import Line2D
 import numpy as np
 
 from vgrad import ModelConfig, TrainConfig, data, plots, study, sweep
@@ -392,7 +393,6 @@ def figure_summary(entries: list[dict], size: dict):
                      f"largest trainable lr {_ratio_text(ratio)} with BN")
         ax.set_ylim(0, max(100 * max(e["best_accuracy"] for e in pair) + 8, 35))
     # One legend for the symbols, below the panels.
-    from matplotlib.lines import Line2D
     handles, labels = axes[0, 0].get_legend_handles_labels()
     grey = "0.35"
     handles += [Line2D([], [], ls="none", marker="x", ms=9, mew=2.5, color=grey),

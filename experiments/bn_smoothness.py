@@ -58,6 +58,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import matplotlib
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 import numpy as np
 
 from vgrad import ModelConfig, TrainConfig, data, plots, study, sweep
@@ -490,7 +491,6 @@ def claim_tracks_smoothness(entries: list[dict], size: dict) -> dict:
 def log_axis(ax, axis: str = "y") -> None:
     """A log scale labelled with plain numbers at 1, 2, 5 x 10^k (no crowded minor labels
     when the range is under a decade)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
     target = ax.yaxis if axis == "y" else ax.xaxis

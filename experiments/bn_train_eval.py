@@ -54,10 +54,14 @@ import functools
 import math
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from vgrad import ModelConfig, TrainConfig, data, plots, study, sweep
 from vgrad.batchnorm import batchnorm_paths, recompute_batch_stats
+from vgrad.models import build
 from vgrad.study import StudyArgs, markdown_table
 
 NAME = "bn_train_eval"
@@ -147,12 +151,6 @@ def grid(size: dict, batch_size: int) -> list[sweep.Run]:
 def _evaluators(cfg: ModelConfig):
     """Jitted (accuracy, loss) of a model like ``cfg``: evaluation mode on (N, ...) inputs,
     and training mode on (K, B, ...) batches (each normalised with its own statistics)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from vgrad.models import build
-
     model = build(cfg)
 
     def scores(logits, y):

@@ -51,12 +51,14 @@ import math
 import sys
 import time
 
-import numpy as np
+import jax
 from matplotlib.ticker import MaxNLocator
+import numpy as np
 
 from vgrad import ModelConfig, TrainConfig, data, plots, study, sweep
 from vgrad.batchnorm import count_variables
 from vgrad.config import ACTIVATIONS
+from vgrad.models import build
 from vgrad.study import StudyArgs, markdown_table
 
 NAME = "bn_vs_none"
@@ -246,10 +248,6 @@ def summarise(result: sweep.SweepResult, size: dict, num_train: int) -> list[dic
 def variable_summary(size: dict, x_example: np.ndarray) -> dict:
     """count_variables of each norm's model, from the shapes of ``build(cfg).init``'s
     variables (``jax.eval_shape``: nothing is computed; the activation does not change them)."""
-    import jax
-
-    from vgrad.models import build
-
     out = {}
     for norm in NORMS:
         model = build(model_config(size, size["activations"][0], norm))
