@@ -25,9 +25,8 @@ learning rate 0.1, batch 128, 400 steps, 3 seeds.
     python -m experiments.clipping --figure docs/figures/clipping.png
 
 Finding (default run): clipping cannot make a vanishing gradient larger. In the
-sigmoid network (||P_0||^2/n = 10^-68) no clipping enlarges any block's update,
-the first 10 blocks' gradients are exactly 0 in float32 with or without it, and
-every form stays at chance. Where gradients explode (plain ReLU + BN, depth 30,
+sigmoid network (||P_0||^2/n = 10^-68) no clipping enlarges any block's update
+and every form stays at chance. Where gradients explode (plain ReLU + BN, depth 30,
 ||P_0||^2/n = 10^5.2, first block's gradient 10^2.5 x the last's) global-norm
 clipping keeps that ratio (it scales all blocks alike) while value clipping and
 AGC flatten it to 10^0.0-10^0.9; value clipping at 0.01 trains best (48 %
