@@ -64,7 +64,7 @@ import numpy as np
 from vgrad import ModelConfig, TrainConfig, data, plots, study, sweep
 from vgrad.analysis import gradient_direction_probe
 from vgrad.models import build
-from vgrad.study import VERDICTS, StudyArgs, markdown_table
+from vgrad.study import StudyArgs, markdown_table
 
 NAME = "bn_smoothness"
 SMOOTHNESS = {  # measurement key -> (axis label, title)

@@ -7,6 +7,7 @@ import pytest
 
 from experiments import bn_smoothness
 from studies_setup import run_quick
+from vgrad.study import VERDICTS
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_quick_bn_smoothness_claims_are_computed(quick):
         "noisy BN (distribution shift re-injected) trains about as well as BN",
         "BN's benefit tracks smoothness, not distribution stability"]
     for c in claims:
-        assert c["verdict"] in bn_smoothness.VERDICTS
+        assert c["verdict"] in VERDICTS
         assert c["figure"].startswith("figures/") and c["measured"].endswith(".")
         assert any(ch.isdigit() for ch in c["measured"])
 
