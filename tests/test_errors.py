@@ -55,7 +55,7 @@ def _snapshot(root):
 
 @pytest.mark.parametrize("argv, needles", [
     (["--model.activation", "swish2"], ["activation='swish2'", "allowed values are", "relu", "tanh"]),
-    (["--model.norm", "group"], ["norm='group'", "none, batch, layer"]),
+    (["--model.norm", "group"], ["norm='group'", "none, batch, noisy_batch, layer"]),
     (["--model.depth", "0"], ["depth=0", ">= 1"]),
     (["--train.optimizer", "lbfgs"], ["optimizer='lbfgs'", "sgd, adam"]),
     (["--train.learning_rate", "-1"], ["learning_rate=-1.0", "> 0"]),

@@ -163,3 +163,9 @@ def test_gradient_norms_of_vanishing_and_huge_gradients_are_not_lost():
     np.testing.assert_allclose(np.asarray(block_norms(tree)), expected, rtol=1e-5)
     assert float(block_norms(tree)[-1]) == 0.0
     np.testing.assert_allclose(float(part_norms(tree)["stem"]), np.linalg.norm(kernel[0]), rtol=1e-5)
+    # Non-finite values stay non-finite (the step's divergence checks depend on it).
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = np.asarray(kernel, np.float32).copy()
+        broken[2, 0, 0] = bad
+        norms = np.asarray(block_norms({"blocks": {"k": jnp.asarray(broken)}}))
+        assert not np.isfinite(norms[2]) and np.isfinite(np.delete(norms, 2)).all()

@@ -173,9 +173,11 @@ def scaled_norms(arrays: Sequence[jax.Array]) -> jax.Array:
     """
     rows = [a.reshape(a.shape[0], -1) for a in arrays]
     scale = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(r), axis=1) for r in rows])
-    safe = jnp.where(scale > 0, scale, 1.0)[:, None]
+    # A row of zeros has norm 0; a NaN or inf anywhere keeps the norm non-finite
+    # (the step's finiteness checks read these norms).
+    safe = jnp.where(scale == 0, 1.0, scale)[:, None]
     sq = sum(jnp.sum(jnp.square(r / safe), axis=1) for r in rows)
-    return jnp.where(scale > 0, scale * jnp.sqrt(sq), 0.0)
+    return jnp.where(scale == 0, 0.0, scale * jnp.sqrt(sq))
 
 
 def block_norms(tree: Any) -> jax.Array:
