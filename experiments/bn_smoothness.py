@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import matplotlib
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 import numpy as np
+import scipy.stats
 
 from vgrad import ModelConfig, TrainConfig, data, plots, study, sweep
 from vgrad.analysis import gradient_direction_probe
@@ -281,8 +282,7 @@ def spearman(a, b) -> float:
     a, b = a[keep], b[keep]
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return math.nan
-    rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(float)
-    return float(np.corrcoef(rank(a), rank(b))[0, 1])
+    return float(scipy.stats.spearmanr(a, b).statistic)  # ties get their average rank
 
 
 def summarise(result: sweep.SweepResult, size: dict) -> list[dict]:

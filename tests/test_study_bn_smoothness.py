@@ -95,6 +95,8 @@ def test_input_drift_and_spearman_against_hand_computed_values():
     # A monotone but non-linear relation is still a perfect rank correlation.
     assert bn_smoothness.spearman([1, 2, 3, 4, 5], np.exp([1, 2, 3, 4, 5])) == pytest.approx(1.0)
     assert math.isnan(bn_smoothness.spearman([1, 2], [1, 2]))
+    # Ties share their average rank: ranks (1.5, 1.5, 3) and (1, 2, 3) correlate at sqrt(3)/2.
+    assert bn_smoothness.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)
 
 
 def test_claim_verdicts_follow_the_numbers():
