@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from vgrad.config import ModelConfig
+from vgrad.config import BATCH_NORMS, ModelConfig
 from vgrad.models.activations import PRELU_INIT_SLOPE, activation_fn
 from vgrad.models.initializers import bias_init, kernel_init
 
@@ -83,7 +83,7 @@ class Layer(nn.Module):
                  alpha: jax.Array | float = 1.0) -> jax.Array:
         cfg = self.cfg
         z = self._maybe_identity("dense", linear_module(cfg), h) if self.linear else h
-        if cfg.norm in ("batch", "noisy_batch"):
+        if cfg.norm in BATCH_NORMS:
             # Batch statistics reduce over every axis but the feature axis; under
             # jit with a sharded batch the mean is over the global batch.
             kind = NoisyBatchNorm if cfg.norm == "noisy_batch" else nn.BatchNorm
