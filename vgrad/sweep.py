@@ -15,8 +15,9 @@ without its initialiser; the optimiser kind, clip kind, schedule, batch size
 and run length) and trains each group as one vmapped, jitted program
 (:func:`vgrad.loop.train_group`): seeds, learning rates, momenta, weight
 decays, clip values, initialisers, init scales and numeric residual scales
-(a variable of the model) of a group are values, not programs, so a new learning rate never recompiles. A run that diverges is
-frozen and marked "diverged" while the rest of its group trains on.
+(a variable of the model) of a group are values, not programs, so a new
+learning rate never recompiles. A run that diverges is frozen and marked
+"diverged" while the rest of its group trains on.
 
 With ``run_dir``, every group writes ``groups/<g>/`` (metrics.jsonl,
 measurements.jsonl, checkpoints/, result.json when it finishes); a sweep
@@ -268,7 +269,8 @@ def _load_finished(group_dir: Path, config: dict) -> dict | None:
 def run(runs: Sequence[Run], dataset: Any, *, run_dir: Any = None, measure_at: Sequence[int] = (),
         measure_batch_size: int = 64, num_probes: int = 8, jacobians: bool = True,
         gradient_flow: bool = True,
-        extra_measure: Callable[[Any, dict], Mapping[str, Any]] | None = None, progress: bool = True, log_every: int = 1, mesh: Any = None,
+        extra_measure: Callable[[Any, dict], Mapping[str, Any]] | None = None,
+        progress: bool = True, log_every: int = 1, mesh: Any = None,
         checkpoint_every: int | None = None, resume: bool = False,
         steps_per_dispatch: int = DEFAULT_STEPS_PER_DISPATCH, writers: Sequence[Any] = ()) -> SweepResult:
     """Train every run of ``runs`` on ``dataset``; return a :class:`SweepResult`.
