@@ -6,8 +6,9 @@ state, jitted steps; from ``steps`` and ``loop``), ``sweep`` (grids of runs),
 ``measure`` (gradient flow during training), ``study`` and ``plots`` (what
 experiments share), ``batchnorm`` (BN variable counts, population statistics),
 ``batch_noise`` (spread of batch statistics), ``trainable_range`` (the range of
-a hyperparameter that trains), ``writers`` (TensorBoard / W&B), ``analysis`` (Jacobian products, gradient flow, mean-field
-theory), ``checkpoint``, ``parallel``, ``io``.
+a hyperparameter that trains), ``writers`` (TensorBoard / W&B), ``analysis``
+(Jacobian products, gradient flow, loss landscape, mean-field theory),
+``checkpoint``, ``parallel``, ``io``.
 
 Every submodule is an attribute of the package, imported on first use:
 ``import vgrad; vgrad.models.build(cfg)`` works, and ``import vgrad`` itself
