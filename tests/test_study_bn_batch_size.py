@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import bn_batch_size
-from studies_setup import run_quick
+from studies_setup import check_refuses, run_quick
 from vgrad.study import VERDICTS
 
 
@@ -116,13 +116,9 @@ def test_bn_batch_size_claims_follow_the_numbers():
 
 
 def test_bn_batch_size_refuses_bad_arguments(tmp_path, capsys):
-    for bad, needle in ((["--batch-sizes", "1", "8"], "invalid --batch-sizes"),
-                        (["--norms", "group"], "invalid --norms"),
-                        (["--norms", "none", "layer"], "invalid --norms"),
-                        (["--lr-scaling", "sqrt"], "invalid --lr-scaling"),
-                        (["--reference-batch-size", "64"], "invalid --reference-batch-size"),
-                        (["--epochs", "0"], "invalid --epochs")):
-        assert bn_batch_size.main(["--quick", "--out", str(tmp_path), *bad]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("vgrad: error:") and needle in err
-    assert not any(tmp_path.iterdir())
+    check_refuses(bn_batch_size, ((["--batch-sizes", "1", "8"], "invalid --batch-sizes"),
+                                  (["--norms", "group"], "invalid --norms"),
+                                  (["--norms", "none", "layer"], "invalid --norms"),
+                                  (["--lr-scaling", "sqrt"], "invalid --lr-scaling"),
+                                  (["--reference-batch-size", "64"], "invalid --reference-batch-size"),
+                                  (["--epochs", "0"], "invalid --epochs")), tmp_path, capsys)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import bn_depth
-from studies_setup import run_quick
+from studies_setup import check_refuses, run_quick
 from vgrad.study import VERDICTS
 from vgrad import ModelConfig, data, models
 from vgrad.analysis import gradient_flow
@@ -130,11 +130,8 @@ def test_yang_verdict_follows_the_numbers():
 
 
 def test_bn_depth_refuses_bad_arguments(tmp_path, capsys):
-    for bad, needle in ((["--forms", "resnet"], "invalid --forms"),
-                        (["--activations", "swish"], "invalid --activations"),
-                        (["--depths", "2"], "invalid --depths"),
-                        (["--growth-batch-sizes", "2"], "invalid --batch-size")):
-        assert bn_depth.main(["--out", str(tmp_path), *bad]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("vgrad: error:") and needle in err
-    assert not any(tmp_path.iterdir())
+    check_refuses(bn_depth, ((["--forms", "resnet"], "invalid --forms"),
+                             (["--activations", "swish"], "invalid --activations"),
+                             (["--depths", "2"], "invalid --depths"),
+                             (["--growth-batch-sizes", "2"], "invalid --batch-size")),
+                  tmp_path, capsys, quick=False)

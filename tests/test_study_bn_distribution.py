@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import bn_distribution
-from studies_setup import run_quick
+from studies_setup import check_refuses, run_quick
 from vgrad.study import VERDICTS
 from vgrad import ModelConfig, data, models
 
@@ -121,11 +121,8 @@ def test_drift_spread_and_speed_helpers_by_hand():
 
 
 def test_bn_distribution_refuses_bad_arguments(tmp_path, capsys):
-    for bad, needle in ((["--learning-rates", "0"], "invalid --learning-rates"),
-                        (["--hidden-layers", "1"], "invalid --hidden-layers"),
-                        (["--units", "500"], "invalid --units"),
-                        (["--init", "zeros"], "invalid --init")):
-        assert bn_distribution.main(["--out", str(tmp_path), *bad]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("vgrad: error:") and needle in err
-    assert not any(tmp_path.iterdir())
+    check_refuses(bn_distribution, ((["--learning-rates", "0"], "invalid --learning-rates"),
+                                    (["--hidden-layers", "1"], "invalid --hidden-layers"),
+                                    (["--units", "500"], "invalid --units"),
+                                    (["--init", "zeros"], "invalid --init")),
+                  tmp_path, capsys, quick=False)

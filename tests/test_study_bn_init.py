@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import bn_init as study
-from studies_setup import run_quick
+from studies_setup import check_refuses, run_quick
 from vgrad.study import VERDICTS
 
 
@@ -131,11 +131,7 @@ def test_named_initialisers_in_the_claims_table_and_figure(quick):
 
 
 def test_bn_init_refuses_bad_arguments(tmp_path, capsys):
-    for bad, needle in ((["--activations", "swish"], "invalid --activations"),
-                        (["--scales", "0"], "invalid --scales"),
-                        (["--named", "kaiming"], "invalid --named"),
-                        (["--depth", "0"], "invalid --depth")):
-        assert study.main(["--quick", "--out", str(tmp_path), *bad]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("vgrad: error:") and needle in err
-    assert not any(tmp_path.iterdir())
+    check_refuses(study, ((["--activations", "swish"], "invalid --activations"),
+                          (["--scales", "0"], "invalid --scales"),
+                          (["--named", "kaiming"], "invalid --named"),
+                          (["--depth", "0"], "invalid --depth")), tmp_path, capsys)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import bn_learning_rate as study
-from studies_setup import run_quick
+from studies_setup import check_refuses, run_quick
 from vgrad.study import VERDICTS
 
 
@@ -86,11 +86,7 @@ def test_quick_bn_learning_rate_shows_diverged_runs(quick):
 
 
 def test_bn_learning_rate_refuses_bad_arguments(tmp_path, capsys):
-    for bad, needle in ((["--activations", "swish"], "invalid --activations"),
-                        (["--learning-rates", "0.1", "-1"], "invalid --learning-rates"),
-                        (["--curve-learning-rates", "0.5"], "invalid --curve-learning-rates"),
-                        (["--steps", "0"], "invalid --steps")):
-        assert study.main(["--quick", "--out", str(tmp_path), *bad]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("vgrad: error:") and needle in err
-    assert not any(tmp_path.iterdir())
+    check_refuses(study, ((["--activations", "swish"], "invalid --activations"),
+                          (["--learning-rates", "0.1", "-1"], "invalid --learning-rates"),
+                          (["--curve-learning-rates", "0.5"], "invalid --curve-learning-rates"),
+                          (["--steps", "0"], "invalid --steps")), tmp_path, capsys)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from experiments import bn_regularization
-from studies_setup import run_quick
+from studies_setup import check_refuses, run_quick
 from vgrad.study import VERDICTS
 
 
@@ -84,12 +84,8 @@ def test_bn_regularization_claims_follow_the_numbers():
 
 
 def test_bn_regularization_refuses_bad_arguments(tmp_path, capsys):
-    for bad, needle in ((["--weight-decays", "0.001"], "invalid --weight-decays"),
-                        (["--weight-decays", "0", "-1"], "invalid --weight-decays"),
-                        (["--norms", "none"], "invalid --norms"),
-                        (["--train-examples", "5000"], "invalid --train-examples"),
-                        (["--steps", "0"], "invalid --steps")):
-        assert bn_regularization.main(["--quick", "--out", str(tmp_path), *bad]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("vgrad: error:") and needle in err
-    assert not any(tmp_path.iterdir())
+    check_refuses(bn_regularization, ((["--weight-decays", "0.001"], "invalid --weight-decays"),
+                                      (["--weight-decays", "0", "-1"], "invalid --weight-decays"),
+                                      (["--norms", "none"], "invalid --norms"),
+                                      (["--train-examples", "5000"], "invalid --train-examples"),
+                                      (["--steps", "0"], "invalid --steps")), tmp_path, capsys)

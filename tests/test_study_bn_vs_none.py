@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import bn_vs_none
-from studies_setup import run_quick
+from studies_setup import check_refuses, run_quick
 from vgrad.study import VERDICTS
 
 
@@ -110,11 +110,8 @@ def test_epoch_helpers_against_numpy():
 
 
 def test_bn_vs_none_refuses_bad_arguments(tmp_path, capsys):
-    for bad, needle in ((["--activations", "swish"], "invalid --activations"),
-                        (["--depth", "0"], "invalid --depth"),
-                        (["--target", "1.5"], "invalid --target"),
-                        (["--learning-rates", "-0.1"], "invalid --learning-rates")):
-        assert bn_vs_none.main(["--quick", "--out", str(tmp_path), *bad]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("vgrad: error:") and needle in err
-    assert not any(tmp_path.iterdir())
+    check_refuses(bn_vs_none, ((["--activations", "swish"], "invalid --activations"),
+                               (["--depth", "0"], "invalid --depth"),
+                               (["--target", "1.5"], "invalid --target"),
+                               (["--learning-rates", "-0.1"], "invalid --learning-rates")),
+                  tmp_path, capsys)

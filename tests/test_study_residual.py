@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import residual
-from studies_setup import run_quick
+from studies_setup import check_refuses, run_quick
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +73,6 @@ def test_quick_residual_plain_bn_gradients_explode_at_init(quick):
 
 
 def test_residual_refuses_bad_arguments(tmp_path, capsys):
-    for bad, needle in ((["--forms", "resnet"], "invalid --forms"),
-                        (["--depths", "0"], "invalid --depths"),
-                        (["--steps", "0"], "invalid --steps")):
-        assert residual.main(["--quick", "--out", str(tmp_path), *bad]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("vgrad: error:") and needle in err
-    assert not any(tmp_path.iterdir())
+    check_refuses(residual, ((["--forms", "resnet"], "invalid --forms"),
+                             (["--depths", "0"], "invalid --depths"),
+                             (["--steps", "0"], "invalid --steps")), tmp_path, capsys)
