@@ -55,10 +55,9 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.lines import Line2D
-from numpy.polynomial.legendre import leggauss
 
 from vgrad import ModelConfig, TrainConfig, data, models, plots, study, sweep
-from vgrad.analysis import gradient_flow, jacobian_products
+from vgrad.analysis import gradient_flow, jacobian_products, theory
 from vgrad.study import StudyArgs, markdown_table
 
 NAME = "bn_depth"
@@ -245,25 +244,6 @@ def growth_factors(m: dict, depth: int) -> dict:
     if "log10_product_sq_norms" in m:
         out["product"] = growth_factor(m["log10_product_sq_norms"], np.arange(depth + 1), w)
     return out
-
-
-@functools.lru_cache(maxsize=16)
-def isotropic_bn_factor(activation: str) -> float:
-    """E[phi'(z)^2] / Var[phi(z)], z ~ N(0, 1): the growth of the squared gradient through one
-    Dense -> BN -> phi layer whose batch is isotropic and large (each unit's normalised
-    pre-activations are N(0, 1) over the batch; BN divides the gradient by the batch std of
-    W h, sigma_w^2 Var[phi], and the backward pass multiplies it by sigma_w^2 E[phi'^2]).
-    ReLU: (1/2) / (1/2 - 1/(2 pi)) = pi / (pi - 1). Gauss-Legendre on [-12, 12], split at 0."""
-    phi = models.activation_fn(activation)
-    dphi = jax.vmap(jax.grad(lambda z: phi(z)))
-    nodes, weights = leggauss(200)
-    z = np.concatenate([6 * (nodes - 1), 6 * (nodes + 1)])  # [-12, 0] and [0, 12]
-    w = np.concatenate([6 * weights, 6 * weights]) * np.exp(-z**2 / 2) / math.sqrt(2 * math.pi)
-    with jax.enable_x64(True):
-        zz = jnp.asarray(z, jnp.float64)
-        f, d = np.asarray(phi(zz), np.float64), np.asarray(dphi(zz), np.float64)
-    mean = np.sum(w * f)
-    return float(np.sum(w * d**2) / (np.sum(w * f**2) - mean**2))
 
 
 def summarise_scan(runs: list[sweep.Run], measured: list[dict], size: dict) -> list[dict]:
@@ -626,7 +606,7 @@ def figure_growth(growth: list[dict], entries: list[dict], size: dict):
                                                    "hidden": r"$\|\partial L/\partial h^l\|^2$",
                                                    "weight": r"$\|\partial L/\partial W_l\|^2$"}[key]
                     if i == 0 else None)
-        ax.plot([i - 0.35, i + 0.35], [isotropic_bn_factor(act)] * 2, color="k", lw=1.5,
+        ax.plot([i - 0.35, i + 0.35], [theory.bn_gradient_growth(act)] * 2, color="k", lw=1.5,
                 label=r"$E[\phi'^2]/\mathrm{Var}\,\phi$ (one layer, B → ∞)" if i == 0 else None)
     ax.set_xticks(range(len(acts)), acts)
     ax.set(ylabel="per-layer growth of the squared norm",
@@ -725,7 +705,7 @@ def body(s: study.Study) -> dict:
   {', '.join(map(str, size['growth_batch_sizes']))}.
 - References: {YANG_B16} at B = 16 (Yang et al. 2019, as quoted in issue #11); π/(π−1) ≈
   {YANG_LARGE_B:.3f} for B → ∞; the one-layer isotropic estimate E[φ'(z)²]/Var φ(z):
-  {', '.join(f'{a} {isotropic_bn_factor(a):.3f}' for a in size['activations'])}.""")
+  {', '.join(f'{a} {theory.bn_gradient_growth(a):.3f}' for a in size['activations'])}.""")
     rep.add("Summary", markdown_table(table_rows(entries), [
         ("form", "form"), ("activation", "act"), ("depth", "depth"),
         ("log10 ‖P_0‖²/n", "p0"), ("state", "state"), ("growth ‖P_l‖²", "gp"),
@@ -744,7 +724,7 @@ def body(s: study.Study) -> dict:
     rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
     return {"entries": entries, "growth": growth, "claims": claims, "conclusion": text,
             "sizes": size, "references": {"yang_b16": YANG_B16, "large_batch": YANG_LARGE_B,
-                                          "isotropic": {a: isotropic_bn_factor(a)
+                                          "isotropic": {a: theory.bn_gradient_growth(a)
                                                         for a in size["activations"]}}}
 
 

@@ -80,17 +80,6 @@ def test_growth_factor_of_a_geometric_sequence():
     assert bn_depth.fit_window(50) == (5, 40)
 
 
-def test_isotropic_bn_factor_against_closed_forms_and_monte_carlo():
-    assert bn_depth.isotropic_bn_factor("relu") == pytest.approx(math.pi / (math.pi - 1), rel=1e-6)
-    assert bn_depth.isotropic_bn_factor("linear") == pytest.approx(1.0, rel=1e-9)
-    z = np.random.default_rng(0).standard_normal(500_000)
-    for name, f, df in (("tanh", np.tanh, lambda z: 1 / np.cosh(z) ** 2),
-                        ("sigmoid", lambda z: 1 / (1 + np.exp(-z)),
-                         lambda z: np.exp(-z) / (1 + np.exp(-z)) ** 2)):
-        mc = np.mean(df(z) ** 2) / np.var(f(z))
-        assert bn_depth.isotropic_bn_factor(name) == pytest.approx(mc, rel=1e-2), name
-
-
 def test_measure_draws_the_sweeps_initialisation():
     """The vmapped init of ``measure`` gives each seed the variables of
     ``model.init(jax.random.key(seed), x)`` (what vgrad.sweep trains from): its gradient

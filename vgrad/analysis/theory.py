@@ -240,6 +240,25 @@ def chi1(activation: str, weight_var: float, bias_var: float, leaky_slope: float
                                          leaky_slope=leaky_slope)
 
 
+@functools.lru_cache(maxsize=64)
+def bn_gradient_growth(activation: str, leaky_slope: float = 0.01) -> float:
+    """E[phi'(z)^2] / Var[phi(z)], z ~ N(0, 1): the factor by which the mean squared
+    gradient grows per Dense -> BatchNorm -> phi layer of a deep plain network at
+    initialisation, in the limit of a large, isotropic batch (each unit's normalised
+    pre-activations are N(0, 1) over the batch). BatchNorm divides the backward signal by
+    the batch std of W h, sqrt(weight_var Var[phi]), and the layer multiplies it by
+    weight_var E[phi'^2], so weight_var cancels: no initialisation scale undoes it.
+    ReLU: (1/2) / (1/2 - 1/(2 pi)) = pi / (pi - 1) ~ 1.467; linear: 1. Finite batches grow
+    faster (Yang et al. 2019, "A Mean Field Theory of Batch Normalization": ~1.59 for ReLU
+    at batch 16). Float64 quadrature, split at the activation's kinks."""
+    with jax.enable_x64(True):
+        phi = _phi(activation, leaky_slope)
+        z, w = _rule(activation, jnp.asarray(1.0, jnp.float64))
+        f, d = phi(z), jax.vmap(jax.grad(phi))(z)
+        mean = jnp.sum(w * f)
+        return float(jnp.sum(w * d**2) / (jnp.sum(w * f**2) - mean**2))
+
+
 def depth_scale(activation: str, weight_var: float, bias_var: float,
                 leaky_slope: float = 0.01) -> float:
     """The *gradient* depth scale 1 / |log chi1|: the number of blocks over which
