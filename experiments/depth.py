@@ -99,10 +99,6 @@ def grid(args: Args) -> list[sweep.Run]:
     return runs
 
 
-
-
-
-
 def summarise(result: sweep.SweepResult) -> list[dict]:
     """One entry per (variant, depth): measured and predicted curves at init,
     relative weight change and accuracy after training."""
