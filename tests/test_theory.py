@@ -411,6 +411,8 @@ def test_wide_tanh_network_correlations_follow_the_correlation_map():
     fp = theory.correlation_fixed_point("tanh", weight_var, bias_var)
     # xi_c ~ 12 blocks: after 20 blocks c is within ~0.03 of c* (0.45).
     assert abs(c_measured[-1] - fp.c_star) < 0.04
+
+
 def test_bn_gradient_growth_against_closed_forms_and_monte_carlo():
     assert theory.bn_gradient_growth("relu") == pytest.approx(math.pi / (math.pi - 1), rel=1e-6)
     assert theory.bn_gradient_growth("linear") == pytest.approx(1.0, rel=1e-9)
@@ -420,8 +422,6 @@ def test_bn_gradient_growth_against_closed_forms_and_monte_carlo():
                          lambda z: np.exp(-z) / (1 + np.exp(-z)) ** 2)):
         mc = np.mean(df(z) ** 2) / np.var(f(z))
         assert theory.bn_gradient_growth(name) == pytest.approx(mc, rel=1e-2), name
-
-
     # Leaky ReLU, slope a: E[phi'^2] = E[phi^2] = (1 + a^2)/2, E[phi] = (1 - a)/sqrt(2 pi).
     a = 0.2
     closed = (1 + a**2) / 2 / ((1 + a**2) / 2 - (1 - a) ** 2 / (2 * math.pi))
