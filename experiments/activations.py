@@ -434,7 +434,7 @@ def body(s: study.Study) -> dict:
         ("at the end", "p0f"), ("unit statistic", "kind"), ("% of block units at init", "f0"),
         ("at the end", "f1"), ("seeds", "status")]))
     rep.add("Conclusion", conclusion(acts, prelu))
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_figures(paths)
     return {"activations": acts, "prelu": prelu, "table": result.table(), "sizes": size,
             "groups": result.groups}
 

@@ -651,9 +651,8 @@ def body(s: study.Study) -> dict:
             *[(f"{name}: std(var)/σ²", f"v{j}") for j, name in enumerate(noise["layers"])],
             *[(f"{name}: mean(var)/σ²", f"b{j}") for j, name in enumerate(noise["layers"])]]))
     rep.add("Conclusion", text)
-    rep.add("Claims", "\n".join(f"- **{c['claim']}** — {c['verdict']}. {c['measured']}"
-                                for c in claim_list))
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_claims(claim_list)
+    rep.add_figures(paths)
     table = [row for r in results.values() for row in r.table()]
     groups = [g for r in results.values() for g in r.groups]
     return {"entries": entries, "noise": noise, "noise_numbers": noise_numbers(noise),

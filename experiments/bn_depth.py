@@ -719,9 +719,8 @@ def body(s: study.Study) -> dict:
          ("growth ‖∂L/∂W_l‖²", "wf")]))
     text = conclusion(entries, growth, claims, size)
     rep.add("Conclusion", text)
-    rep.add("Claims", "\n".join(f"- **{c['claim']}** — {c['verdict']}. {c['measured']}"
-                                for c in claims))
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_claims(claims)
+    rep.add_figures(paths)
     return {"entries": entries, "growth": growth, "claims": claims, "conclusion": text,
             "sizes": size, "references": {"yang_b16": YANG_B16, "large_batch": YANG_LARGE_B,
                                           "isotropic": {a: theory.bn_gradient_growth(a)

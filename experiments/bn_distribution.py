@@ -562,9 +562,8 @@ def body(s: study.Study) -> dict:
         ("eval mode, 2nd half", "late_eval"), ("status", "status")]))
     text = conclusion(entries, claims, size)
     rep.add("Conclusion", text)
-    rep.add("Claims", "\n".join(f"- **{c['claim']}** — {c['verdict']}. {c['measured']}"
-                                for c in claims))
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_claims(claims)
+    rep.add_figures(paths)
     return {"entries": entries, "claims": claims, "conclusion": text, "table": result.table(),
             "sizes": size, "measure_steps": measure_steps(size), "groups": result.groups}
 

@@ -662,7 +662,7 @@ def body(s: study.Study) -> dict:
                 ("logit std at init", "logits"), ("block kernel growth", "growth"),
                 ("status", "status")]))
     rep.add("Conclusion", text)
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_figures(paths)
     return {"cells": cells, "claims": claims, "conclusion": text,
             "trainable_scales": {f"{a}|{n}": trainable_scales(cells, a, n)
                                  for a in size["activations"] for n in NORMS},

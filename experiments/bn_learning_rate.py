@@ -494,7 +494,7 @@ def body(s: study.Study) -> dict:
             ("seeds that train", "trains"), ("final training loss", "loss"),
             ("status", "status")]))
     rep.add("Conclusion", text)
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_figures(paths)
     return {"entries": entries, "claims": claims, "conclusion": text, "table": result.table(),
             "sizes": size, "groups": result.groups}
 

@@ -439,9 +439,8 @@ def body(s: study.Study) -> dict:
         ("gap (points)", "gap"), ("test loss", "loss"), ("train loss", "train_loss"),
         ("status", "status")]) + "\n\nmean ± std over seeds.")
     rep.add("Conclusion", text)
-    rep.add("Claims", "\n".join(f"- **{c['claim']}** — {c['verdict']}. {c['measured']}"
-                                for c in claim_list))
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_claims(claim_list)
+    rep.add_figures(paths)
     return {"entries": entries, "claims": claim_list, "conclusion": text, "table": result.table(),
             "sizes": size, "groups": result.groups}
 

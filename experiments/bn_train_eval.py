@@ -589,11 +589,10 @@ def body(s: study.Study) -> dict:
         ("population − running, end", "lag"),
         ("|log10 σ²_run/σ²_pop|, end", "var_err")])
         + "\n\nAccuracies at the end of training, mean over seeds; gaps in points.")
-    rep.add("Claims", markdown_table(claims, [("claim", "claim"), ("verdict", "verdict"),
-                                              ("measured", "measured")]))
+    rep.add_claims(claims)
     text = conclusion(claims, entries)
     rep.add("Conclusion", text)
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_figures(paths)
     return {"entries": entries, "claims": claims, "conclusion": text, "measure_steps": at,
             "table": table, "groups": groups, "sizes": size}
 

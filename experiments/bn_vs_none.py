@@ -763,11 +763,10 @@ def body(s: study.Study) -> dict:
         ("ms / evaluation step", "eval"), (f"ms / sweep step ({entries[0]['runs_per_group']} runs)", "sweep"),
         ("training step MB temp / total", "mem"), ("evaluation step MB temp / total", "emem"),
         ("MFLOPs train / eval", "flops")]))
-    rep.add("Claims", markdown_table(claims, [("claim", "claim"), ("verdict", "verdict"),
-                                              ("measured", "measured")]))
+    rep.add_claims(claims)
     text = conclusion(claims, entries, size)
     rep.add("Conclusion", text)
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_figures(paths)
     return {"entries": entries, "claims": claims, "conclusion": text, "variable_counts": counts,
             "costs": costs, "cost_ratios": ratios, "table": result.table(), "groups": result.groups,
             "sizes": size}

@@ -526,7 +526,7 @@ def body(s: study.Study) -> dict:
     text = conclusion(settings)
     rep.add("Conclusion", text)
     rep.add("Details", details(settings))
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_figures(paths)
     return {"settings": settings, "conclusion": text, "table": result.table(), "sizes": size,
             "groups": result.groups}
 

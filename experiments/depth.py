@@ -427,7 +427,7 @@ def body(s: study.Study) -> dict:
         ("mean-field", "theory"), ("log10 ‖∂L/∂W_1‖/‖∂L/∂W_L‖", "ratio"),
         ("log10 rel. change of block 1", "first"), ("test accuracy %", "acc")]))
     rep.add("Conclusion", conclusion(cells, size["steps"]))
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_figures(paths)
     return {"cells": cells, "agreement": agreement(cells),
             "decades_per_block": {label: {"measured": -decades_per_layer(v, "log10_P0"),
                                           "theory": -decades_per_layer(v, "theory_log10_P0")}

@@ -523,7 +523,7 @@ def body(s: study.Study) -> dict:
         ("variant", "variant"), ("depth", "depth"), ("mean s²", "msv"), ("largest s", "max"),
         ("10–90 % range of log10 s (decades)", "spread"), ("% of s in [1/2, 2]", "within")]))
     rep.add("Conclusion", conclusion(cells, classic, spec, acts))
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_figures(paths)
     return {"cells": cells, "classic": classic,
             "spectra": spec, "table": result.table(), "sizes": size, "groups": result.groups}
 

@@ -296,7 +296,7 @@ def body(s: study.Study) -> dict:
         ("log10 ‖P_0‖²/n at init", "p0i"), ("after training", "p0f"),
         (f"ms per step ({size['seeds']} seeds at once)", "ms")]))
     rep.add("Conclusion", conclusion(techniques))
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_figures(paths)
     return {"techniques": techniques, "table": result.table(), "sizes": size,
             "groups": result.groups}
 

@@ -218,7 +218,7 @@ def body(s: study.Study) -> dict:
         ("min", lambda r: f"{r['log10_P0_min']:.2f}"), ("max", lambda r: f"{r['log10_P0_max']:.2f}"),
         ("mean-field", lambda r: fmt(r["theory_log10_P0"]))]))
     rep.add("Conclusion", conclusion(rows, size["depth"]))
-    rep.add("Figures", f"![products]({path})")
+    rep.add_figures({"products": path})
     return {"rows": rows, "cells": cells, "sizes": size}
 
 

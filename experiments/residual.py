@@ -731,7 +731,7 @@ def body(s: study.Study) -> dict:
     rep.add("Gradient products at initialisation against mean-field theory",
             conclusion_products(entries, size))
     rep.add("Degradation and the gradients of plain BN networks", degradation_details(entries, size))
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_figures(paths)
     return {"entries": entries, "theory_agreement": theory_agreement(entries),
             "conclusion": text, "table": table,
             "sizes": size, "groups": groups}

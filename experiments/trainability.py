@@ -357,7 +357,7 @@ def body(s: study.Study) -> dict:
                 ("σ_w²", "w"), ("χ_c", "chi"), ("ξ_c", "xi"), ("6 ξ_c", "six"),
                 ("deepest trainable", "max"), *[(f"L={d}", f"d{d}") for d in depths]]))
     rep.add("Conclusion", text)
-    rep.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+    rep.add_figures(paths)
     return {"depths": depths, "weight_vars": ws, "bias_var": args.bias_var,
             "learning_rates": {str(d): learning_rate(args, d) for d in depths},
             "train_accuracy": train_acc.tolist(), "test_accuracy": test_acc.tolist(),

@@ -90,6 +90,11 @@ def test_markdown_table_and_report():
     rep = study.Report("T")
     rep.add("S", "body\n")
     assert rep.render() == "# T\n\n## S\n\nbody\n"
+    rep.add_claims([{"claim": "C1", "verdict": "holds", "measured": "m1"},
+                    {"claim": "C2", "verdict": "holds partly", "measured": "m2"}])
+    rep.add_figures({"a": "figures/a.png", "b": "figures/b.png"})
+    assert rep.render().endswith("## Claims\n\n- **C1** — holds. m1\n- **C2** — holds partly. m2\n\n"
+                                 "## Figures\n\n![a](figures/a.png)\n\n![b](figures/b.png)\n")
     json.dumps(study.StudyArgs().__dict__)
 
 

@@ -110,6 +110,17 @@ class Report:
     def add(self, heading: str, markdown: str) -> None:
         self.sections.append((heading, markdown.strip()))
 
+    def add_claims(self, claims: Sequence[dict]) -> None:
+        """A "Claims" section: one line per claim (a dict with "claim", "verdict",
+        one of :data:`VERDICTS`, and "measured")."""
+        self.add("Claims", "\n".join(f"- **{c['claim']}** — {c['verdict']}. {c['measured']}"
+                                      for c in claims))
+
+    def add_figures(self, paths: dict[str, str]) -> None:
+        """A "Figures" section: each figure (name -> path relative to the run directory,
+        as :meth:`Study.save_figure` returns it)."""
+        self.add("Figures", "\n\n".join(f"![{name}]({path})" for name, path in paths.items()))
+
     def render(self) -> str:
         parts = [f"# {self.title}\n"]
         parts += [f"## {heading}\n\n{body}\n" for heading, body in self.sections]
